@@ -1,0 +1,280 @@
+//! Bodies on the forwarding path.
+//!
+//! Bodies are never buffered: [`Metered`] hands each frame on as it arrives,
+//! counting bytes and enforcing the idle timeout (the longest silence between
+//! two frames, nginx's `proxy_read_timeout`/`proxy_send_timeout`); there is no
+//! total deadline. Frames are `Bytes` split off hyper's read buffer, so passing
+//! one on is a reference-count bump, not a copy.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::proxy::Exchange;
+
+/// The error type bodies carry.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Which way a metered body flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → upstream (request body).
+    Request,
+    /// Upstream → client (response body).
+    Response,
+}
+
+/// Counters one exchange's two bodies share with its log record.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// The client's request body failed or stalled (client gone mid-upload).
+    pub request_failed: AtomicBool,
+    /// The upstream's response body failed or stalled.
+    pub response_failed: AtomicBool,
+    /// The response body reached its end.
+    pub response_complete: AtomicBool,
+}
+
+/// A body stalled longer than the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no data for {0:?} (idle timeout)")]
+pub struct IdleTimeout(pub Duration);
+
+pin_project_lite::pin_project! {
+    /// A streaming body that counts bytes and fails after `idle` without a frame.
+    pub struct Metered<B> {
+        #[pin]
+        inner: B,
+        // Boxed so the body is Unpin, as hyper's client requires of request bodies.
+        timer: Pin<Box<Sleep>>,
+        idle: Duration,
+        last_frame: Instant,
+        tally: Arc<Tally>,
+        direction: Direction,
+    }
+}
+
+impl<B> Metered<B> {
+    pub fn new(inner: B, idle: Duration, tally: Arc<Tally>, direction: Direction) -> Self {
+        let now = Instant::now();
+        Metered {
+            inner,
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            idle,
+            last_frame: now,
+            tally,
+            direction,
+        }
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let failed_flag = match this.direction {
+            Direction::Request => &this.tally.request_failed,
+            Direction::Response => &this.tally.response_failed,
+        };
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let counter = match this.direction {
+                        Direction::Request => &this.tally.bytes_in,
+                        Direction::Response => &this.tally.bytes_out,
+                    };
+                    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                // One clock read per frame; the timer itself is only re-armed when it fires.
+                *this.last_frame = Instant::now();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                failed_flag.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                if *this.direction == Direction::Response {
+                    this.tally.response_complete.store(true, Ordering::Relaxed);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => loop {
+                ready!(this.timer.as_mut().poll(cx));
+                let deadline = *this.last_frame + *this.idle;
+                if Instant::now() >= deadline {
+                    failed_flag.store(true, Ordering::Relaxed);
+                    return Poll::Ready(Some(Err(Box::new(IdleTimeout(*this.idle)))));
+                }
+                this.timer.as_mut().reset(deadline);
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The body of a request regguard sends upstream.
+    #[project = UpstreamBodyProj]
+    pub enum UpstreamBody {
+        /// A client's body, streamed through.
+        Client { #[pin] body: Metered<Incoming> },
+        /// Bytes regguard holds (a manifest it has read, or nothing).
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl UpstreamBody {
+    /// No body (HEAD/GET checks, readiness probes).
+    pub fn empty() -> Self {
+        UpstreamBody::Full { data: None }
+    }
+}
+
+fn poll_full(data: &mut Option<Bytes>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    Poll::Ready(
+        data.take()
+            .filter(|d| !d.is_empty())
+            .map(|d| Ok(Frame::data(d))),
+    )
+}
+
+fn full_hint(data: &Option<Bytes>) -> SizeHint {
+    SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            UpstreamBodyProj::Client { body } => body.poll_frame(cx),
+            UpstreamBodyProj::Full { data } => poll_full(data),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Client { body } => body.is_end_stream(),
+            UpstreamBody::Full { data } => data.as_ref().is_none_or(|d| d.is_empty()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Client { body } => body.size_hint(),
+            UpstreamBody::Full { data } => full_hint(data),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind {
+        Upstream { #[pin] body: Metered<Incoming> },
+        Full { data: Option<Bytes> },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The body of a response to a client: the upstream's, streamed, or regguard's own.
+    ///
+    /// It carries the exchange's log record; when the body is finished or dropped
+    /// (client gone), the record is written.
+    pub struct ResponseBody {
+        #[pin]
+        kind: ResponseKind,
+        exchange: Option<Exchange>,
+    }
+}
+
+impl ResponseBody {
+    /// A body regguard produced itself.
+    pub fn full(data: Bytes) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Full { data: Some(data) },
+            exchange: None,
+        }
+    }
+
+    /// The upstream's body, streamed through.
+    pub fn upstream(body: Metered<Incoming>) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Upstream { body },
+            exchange: None,
+        }
+    }
+
+    /// Hands the exchange record to the body, to be finished when the body is.
+    pub fn attach(&mut self, exchange: Exchange) {
+        self.exchange = Some(exchange);
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.kind.project() {
+            ResponseKindProj::Upstream { body } => body.poll_frame(cx),
+            ResponseKindProj::Full { data } => {
+                if let (Some(ex), Some(d)) = (this.exchange.as_ref(), data.as_ref()) {
+                    ex.tally()
+                        .bytes_out
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                    ex.tally().response_complete.store(true, Ordering::Relaxed);
+                }
+                poll_full(data)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Upstream { body } => body.is_end_stream(),
+            ResponseKind::Full { data } => data.as_ref().is_none_or(|d| d.is_empty()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Upstream { body } => body.size_hint(),
+            ResponseKind::Full { data } => full_hint(data),
+        }
+    }
+}

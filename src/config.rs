@@ -1,0 +1,417 @@
+//! Configuration: one set of keys, four sources.
+//!
+//! Every `serve` setting is a command-line flag, a `REGGUARD_<NAME>` environment
+//! variable and a key of the TOML file; flags beat the environment, which beats
+//! the file, which beats the defaults. Everything is validated once, at start-up,
+//! into [`Settings`]; a bad value fails with a message naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Uri};
+use serde::Deserialize;
+
+/// Defaults, in one place so the help text, the README and the code agree.
+pub mod defaults {
+    pub const LISTEN: &str = "0.0.0.0:5050";
+    pub const UPSTREAM: &str = "http://registry-private:5000";
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+    /// nginx's `proxy_read_timeout 900` / `proxy_send_timeout 900`.
+    pub const IDLE_TIMEOUT: &str = "900s";
+    /// nginx's `client_header_timeout` default.
+    pub const HEADER_READ_TIMEOUT: &str = "60s";
+    pub const CONNECT_TIMEOUT: &str = "10s";
+    pub const DRAIN_TIMEOUT: &str = "120s";
+}
+
+/// A configuration problem, naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("`{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags of `regguard serve`. Each also reads `REGGUARD_<NAME>` and the TOML key of the same name.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (keys as the flags below, with underscores).
+    #[arg(long, env = "REGGUARD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Public listener address [default: 0.0.0.0:5050].
+    #[arg(long, env = "REGGUARD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// The registry to forward to, http://host:port; the host name is resolved again for every new
+    /// connection [default: http://registry-private:5000].
+    #[arg(long, env = "REGGUARD_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+    /// Admin listener for /metrics, /healthz, /readyz; never the public one [default: 127.0.0.1:9090].
+    #[arg(long, env = "REGGUARD_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// PEM certificate chain; with --tls-key turns on TLS (1.2 and 1.3, ALPN h2 and http/1.1).
+    #[arg(
+        long,
+        env = "REGGUARD_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(
+        long,
+        env = "REGGUARD_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Log format [default: text].
+    #[arg(long, env = "REGGUARD_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Longest silence between two reads or writes of a body, on either side, and the longest wait
+    /// for the upstream's response headers (nginx's proxy_read/send_timeout) [default: 900s].
+    #[arg(long, env = "REGGUARD_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Longest time a client may take to send its request headers (slow-loris guard) [default: 60s].
+    #[arg(long, env = "REGGUARD_HEADER_READ_TIMEOUT", value_name = "DURATION")]
+    pub header_read_timeout: Option<String>,
+    /// Longest time to open a connection to the upstream [default: 10s].
+    #[arg(long, env = "REGGUARD_CONNECT_TIMEOUT", value_name = "DURATION")]
+    pub connect_timeout: Option<String>,
+    /// On SIGTERM/SIGINT, how long in-flight transfers may run before they are cut [default: 120s].
+    #[arg(long, env = "REGGUARD_DRAIN_TIMEOUT", value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
+    /// One log line per request (true|false) [default: true].
+    #[arg(long, env = "REGGUARD_ACCESS_LOG", value_name = "BOOL")]
+    pub access_log: Option<bool>,
+}
+
+/// The TOML file: the same keys as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    upstream: Option<String>,
+    admin_listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    idle_timeout: Option<DurationValue>,
+    header_read_timeout: Option<DurationValue>,
+    connect_timeout: Option<DurationValue>,
+    drain_timeout: Option<DurationValue>,
+    access_log: Option<bool>,
+}
+
+/// A duration in the file: `"900s"`, `"15m"`, or a number of seconds.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DurationValue {
+    Seconds(u64),
+    Text(String),
+}
+
+impl DurationValue {
+    fn into_text(self) -> String {
+        match self {
+            DurationValue::Seconds(s) => format!("{s}s"),
+            DurationValue::Text(t) => t,
+        }
+    }
+}
+
+/// Where the upstream registry is.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// `Host` to send when the client sent none (HTTP/1.0 without Host).
+    pub host_header: HeaderValue,
+}
+
+impl Upstream {
+    /// Parses `http://host:port`. Only plain HTTP is supported: the registry sits on a private network.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| invalid("upstream", format!("`{url}` is not a URL: {e}")))?;
+        if uri.scheme() != Some(&Scheme::HTTP) {
+            return Err(invalid(
+                "upstream",
+                format!("`{url}`: only http:// upstreams are supported"),
+            ));
+        }
+        let Some(authority) = uri.authority().cloned() else {
+            return Err(invalid("upstream", format!("`{url}` has no host")));
+        };
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(invalid(
+                "upstream",
+                format!("`{url}`: give only scheme, host and port; the registry API lives at /v2/"),
+            ));
+        }
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| invalid("upstream", e.to_string()))?;
+        Ok(Upstream {
+            scheme: Scheme::HTTP,
+            authority,
+            host_header,
+        })
+    }
+
+    /// The upstream URI for a client's path and query, kept byte for byte.
+    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+    }
+}
+
+/// PEM files for TLS termination.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Validated settings of `regguard serve`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub admin_listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub log_format: LogFormat,
+    pub idle_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub access_log: bool,
+}
+
+impl Settings {
+    /// Merges flags/env (already merged by clap) over the file over the defaults, and validates.
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args.clone(), file)
+    }
+
+    /// Parses settings from TOML text alone (file over defaults).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let file = parse_file(Path::new("<inline>"), text)?;
+        Self::merge(ServeArgs::default(), file)
+    }
+
+    fn merge(args: ServeArgs, file: FileConfig) -> Result<Self, ConfigError> {
+        let pick = |flag: Option<String>, file: Option<String>, default: &str| {
+            flag.or(file).unwrap_or_else(|| default.to_string())
+        };
+        let listen = pick(args.listen, file.listen, defaults::LISTEN);
+        let upstream = pick(args.upstream, file.upstream, defaults::UPSTREAM);
+        let admin_listen = pick(args.admin_listen, file.admin_listen, defaults::ADMIN_LISTEN);
+        let duration = |key: &'static str,
+                        flag: Option<String>,
+                        file: Option<DurationValue>,
+                        default: &str|
+         -> Result<Duration, ConfigError> {
+            let text = flag
+                .or(file.map(DurationValue::into_text))
+                .unwrap_or_else(|| default.to_string());
+            let d = humantime::parse_duration(text.trim()).map_err(|e| {
+                invalid(
+                    key,
+                    format!("`{text}` is not a duration ({e}); try \"30s\" or \"15m\""),
+                )
+            })?;
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+            Ok(d)
+        };
+        let tls = match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid("tls_key", "tls_cert is set but tls_key is not"))
+            }
+            (None, Some(_)) => {
+                return Err(invalid("tls_cert", "tls_key is set but tls_cert is not"))
+            }
+        };
+        let settings = Settings {
+            listen: parse_addr("listen", &listen)?,
+            upstream: Upstream::parse(&upstream)?,
+            admin_listen: parse_addr("admin_listen", &admin_listen)?,
+            tls,
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            idle_timeout: duration(
+                "idle_timeout",
+                args.idle_timeout,
+                file.idle_timeout,
+                defaults::IDLE_TIMEOUT,
+            )?,
+            header_read_timeout: duration(
+                "header_read_timeout",
+                args.header_read_timeout,
+                file.header_read_timeout,
+                defaults::HEADER_READ_TIMEOUT,
+            )?,
+            connect_timeout: duration(
+                "connect_timeout",
+                args.connect_timeout,
+                file.connect_timeout,
+                defaults::CONNECT_TIMEOUT,
+            )?,
+            drain_timeout: duration(
+                "drain_timeout",
+                args.drain_timeout,
+                file.drain_timeout,
+                defaults::DRAIN_TIMEOUT,
+            )?,
+            access_log: args.access_log.or(file.access_log).unwrap_or(true),
+        };
+        if settings.listen == settings.admin_listen {
+            return Err(invalid(
+                "admin_listen",
+                "must differ from `listen`: metrics are never served on the public listener",
+            ));
+        }
+        Ok(settings)
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(path, &text)
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!(
+                "`{value}` is not an address of the form IP:PORT (e.g. 0.0.0.0:5050 or [::]:5050)"
+            ),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_nginx_front() {
+        let s = Settings::from_toml("").unwrap();
+        assert_eq!(s.listen.to_string(), "0.0.0.0:5050");
+        assert_eq!(s.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(s.upstream.authority.as_str(), "registry-private:5000");
+        assert_eq!(s.idle_timeout, Duration::from_secs(900));
+        assert!(s.tls.is_none());
+        assert!(s.access_log);
+    }
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let file: FileConfig = toml::from_str(
+            "listen = \"127.0.0.1:7000\"\nupstream = \"http://reg:5000\"\nidle_timeout = 30\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            listen: Some("127.0.0.1:7001".into()),
+            ..Default::default()
+        };
+        let s = Settings::merge(args, file).unwrap();
+        assert_eq!(s.listen.port(), 7001);
+        assert_eq!(s.upstream.authority.as_str(), "reg:5000");
+        assert_eq!(s.idle_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Settings::from_toml("listne = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = Settings::from_toml("listen = \"nope\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("`listen`"), "{err}");
+        let err = Settings::from_toml("upstream = \"https://r:5000\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("`upstream`"), "{err}");
+        let err = Settings::from_toml("idle_timeout = \"soon\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("`idle_timeout`"), "{err}");
+        let err = Settings::from_toml("tls_cert = \"/c.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("`tls_key`"), "{err}");
+        let err = Settings::from_toml("admin_listen = \"0.0.0.0:5050\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("`admin_listen`"), "{err}");
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query_bytes() {
+        let up = Upstream::parse("http://reg:5000").unwrap();
+        let uri = up
+            .uri_for("/v2/a/blobs/uploads/x?_state=AbC%3D%3D&digest=sha256%3A00")
+            .unwrap();
+        assert_eq!(
+            uri.to_string(),
+            "http://reg:5000/v2/a/blobs/uploads/x?_state=AbC%3D%3D&digest=sha256%3A00"
+        );
+    }
+}

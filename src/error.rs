@@ -1,0 +1,108 @@
+//! Errors: typed inside, one OCI error envelope outside.
+//!
+//! Every response regguard produces by itself (as opposed to relaying the
+//! registry's) is rendered by [`oci_error`], so clients always see the
+//! distribution error shape `{"errors":[{"code","message","detail"}]}`.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::ResponseBody;
+
+/// Why forwarding a request failed, tagged with the side it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The upstream could not be connected to (refused, unresolvable, reset before a response).
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// The upstream did not connect, or did not answer, within the configured timeout.
+    #[error("upstream timed out ({stage}) after {after:?}")]
+    Timeout {
+        stage: &'static str,
+        after: std::time::Duration,
+    },
+    /// The client went away or broke its request body before the upstream answered.
+    #[error("client aborted the request: {0}")]
+    ClientAborted(String),
+}
+
+impl ForwardError {
+    /// Short, bounded label used in metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ForwardError::Unreachable(_) => "unreachable",
+            ForwardError::Timeout { .. } => "timeout",
+            ForwardError::ClientAborted(_) => "client_aborted",
+        }
+    }
+
+    /// The response the client gets for this failure.
+    pub fn to_response(&self) -> Response<ResponseBody> {
+        match self {
+            ForwardError::Unreachable(_) => oci_error(
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+                "the registry behind this proxy is unreachable",
+            ),
+            ForwardError::Timeout { .. } => oci_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "UNAVAILABLE",
+                "the registry behind this proxy did not answer in time",
+            ),
+            // The client is most likely gone; if it is still listening, its request was bad.
+            ForwardError::ClientAborted(_) => oci_error(
+                StatusCode::BAD_REQUEST,
+                "UNKNOWN",
+                "the request body ended before it was complete",
+            ),
+        }
+    }
+}
+
+/// Renders one OCI/distribution error envelope with the given status.
+pub fn oci_error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
+    let body = serde_json::json!({
+        "errors": [{ "code": code, "message": message, "detail": null }]
+    });
+    let bytes = Bytes::from(body.to_string());
+    let mut resp = Response::new(ResponseBody::full(bytes));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    headers.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn envelope_has_distribution_shape_and_status() {
+        let resp = oci_error(StatusCode::BAD_GATEWAY, "UNAVAILABLE", "down");
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["errors"][0]["code"], "UNAVAILABLE");
+        assert_eq!(v["errors"][0]["message"], "down");
+    }
+
+    #[test]
+    fn timeout_maps_to_504_and_unreachable_to_502() {
+        let t = ForwardError::Timeout {
+            stage: "response",
+            after: std::time::Duration::from_secs(1),
+        }
+        .to_response();
+        assert_eq!(t.status(), StatusCode::GATEWAY_TIMEOUT);
+        let u = ForwardError::Unreachable("x".into()).to_response();
+        assert_eq!(u.status(), StatusCode::BAD_GATEWAY);
+    }
+}

@@ -1,0 +1,21 @@
+//! regguard: a streaming reverse proxy in front of a Docker/OCI registry.
+//!
+//! The request path is a short sequence of phases over one per-request context
+//! (see `proxy`): classify the route, forward to the upstream with the header
+//! rewrites the nginx front did, stream the response back, then log and count
+//! when the exchange ends. Modules are named after what they own.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+
+/// The version string reported by `--version`, `/metrics` and the upstream User-Agent.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

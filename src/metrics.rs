@@ -1,0 +1,288 @@
+//! Prometheus metrics of the forwarding path.
+//!
+//! Every labelled handle is looked up once, here, at start-up: the request path
+//! only indexes into vectors of ready counters. Label sets are bounded (method,
+//! route kind, status class, error kind); no repository names.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::route::RouteKind;
+
+/// Methods with their own label; anything else counts as `other`.
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS", "other",
+];
+/// Status classes; `none` is a request that ended before any status was sent (client gone).
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+/// Upstream/forwarding failures by kind (see `error::ForwardError::kind`, plus body-stage failures).
+pub const ERROR_KINDS: [&str; 5] = [
+    "unreachable",
+    "timeout",
+    "client_aborted",
+    "upstream_body",
+    "idle_timeout",
+];
+
+/// Index of a method in the `method` label set.
+pub fn method_index(method: &http::Method) -> usize {
+    METHODS
+        .iter()
+        .position(|m| *m == method.as_str())
+        .unwrap_or(METHODS.len() - 1)
+}
+
+/// Index of a status in the `status_class` label set.
+pub fn class_index(status: Option<http::StatusCode>) -> usize {
+    match status {
+        Some(s) => usize::from((s.as_u16() / 100).clamp(1, 5)) - 1,
+        None => CLASSES.len() - 1,
+    }
+}
+
+/// The proxy's metrics, registered in their own registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Vec<IntCounter>,
+    latency: Vec<Histogram>,
+    bytes_in: Vec<IntCounter>,
+    bytes_out: Vec<IntCounter>,
+    upstream_errors: Vec<IntCounter>,
+    /// Client connections currently open, by listener (`public`).
+    pub connections_open: IntGauge,
+    /// Client connections accepted since start.
+    pub connections_total: IntCounter,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: IntCounter,
+}
+
+fn registered<T: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    c: T,
+) -> Result<T, prometheus::Error> {
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "regguard_requests_total",
+                    "Client requests by method, route kind and response status class",
+                ),
+                &["method", "route", "status_class"],
+            )?,
+        )?;
+        let latency = registered(
+            &registry,
+            prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    "regguard_response_header_seconds",
+                    "Time from request arrival to response headers, by route kind",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0,
+                ]),
+                &["route"],
+            )?,
+        )?;
+        let bytes_in = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "regguard_request_body_bytes_total",
+                    "Request body bytes received from clients and forwarded, by route kind",
+                ),
+                &["route"],
+            )?,
+        )?;
+        let bytes_out = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "regguard_response_body_bytes_total",
+                    "Response body bytes sent to clients, by route kind",
+                ),
+                &["route"],
+            )?,
+        )?;
+        let upstream_errors = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "regguard_upstream_errors_total",
+                    "Forwarding failures by kind (unreachable, timeout, client_aborted, upstream_body, idle_timeout)",
+                ),
+                &["kind"],
+            )?,
+        )?;
+        let connections = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "regguard_client_connections",
+                    "Client connections currently open",
+                ),
+                &["listener"],
+            )?,
+        )?;
+        let connections_total = registered(
+            &registry,
+            IntCounter::new(
+                "regguard_client_connections_total",
+                "Client connections accepted since start",
+            )?,
+        )?;
+        let tls_handshake_failures = registered(
+            &registry,
+            IntCounter::new(
+                "regguard_tls_handshake_failures_total",
+                "TLS handshakes that failed or timed out",
+            )?,
+        )?;
+        let build_info = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("regguard_build_info", "regguard version; always 1"),
+                &["version"],
+            )?,
+        )?;
+        build_info.with_label_values(&[crate::VERSION]).set(1);
+
+        let mut request_handles =
+            Vec::with_capacity(METHODS.len() * RouteKind::ALL.len() * CLASSES.len());
+        for m in METHODS {
+            for r in RouteKind::ALL {
+                for c in CLASSES {
+                    request_handles.push(requests.get_metric_with_label_values(&[
+                        m,
+                        r.as_str(),
+                        c,
+                    ])?);
+                }
+            }
+        }
+        let per_route = |vec: &IntCounterVec| -> Result<Vec<IntCounter>, prometheus::Error> {
+            RouteKind::ALL
+                .iter()
+                .map(|r| vec.get_metric_with_label_values(&[r.as_str()]))
+                .collect()
+        };
+        Ok(Metrics {
+            requests: request_handles,
+            latency: RouteKind::ALL
+                .iter()
+                .map(|r| latency.get_metric_with_label_values(&[r.as_str()]))
+                .collect::<Result<_, _>>()?,
+            bytes_in: per_route(&bytes_in)?,
+            bytes_out: per_route(&bytes_out)?,
+            upstream_errors: ERROR_KINDS
+                .iter()
+                .map(|k| upstream_errors.get_metric_with_label_values(&[k]))
+                .collect::<Result<_, _>>()?,
+            connections_open: connections.get_metric_with_label_values(&["public"])?,
+            connections_total,
+            tls_handshake_failures,
+            registry,
+        })
+    }
+
+    /// Counts one finished exchange.
+    pub fn observe_exchange(
+        &self,
+        method: usize,
+        route: RouteKind,
+        status: Option<http::StatusCode>,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
+        let idx =
+            (method * RouteKind::ALL.len() + route.index()) * CLASSES.len() + class_index(status);
+        if let Some(c) = self.requests.get(idx) {
+            c.inc();
+        }
+        if let Some(c) = self.bytes_in.get(route.index()) {
+            c.inc_by(bytes_in);
+        }
+        if let Some(c) = self.bytes_out.get(route.index()) {
+            c.inc_by(bytes_out);
+        }
+    }
+
+    /// Records the time to response headers.
+    pub fn observe_header_latency(&self, route: RouteKind, seconds: f64) {
+        if let Some(h) = self.latency.get(route.index()) {
+            h.observe(seconds);
+        }
+    }
+
+    /// Counts a forwarding failure of the given kind (one of [`ERROR_KINDS`]).
+    pub fn upstream_error(&self, kind: &str) {
+        if let Some(i) = ERROR_KINDS.iter().position(|k| *k == kind) {
+            self.upstream_errors[i].inc();
+        }
+    }
+
+    /// The registry, for callers (later subsystems) that add their own metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Renders the Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail on I/O; a failure would be a malformed metric family.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchange_counts_land_in_the_right_series() {
+        let m = Metrics::new().unwrap();
+        m.observe_exchange(
+            method_index(&http::Method::PATCH),
+            RouteKind::Upload,
+            Some(http::StatusCode::ACCEPTED),
+            10,
+            0,
+        );
+        m.observe_exchange(
+            method_index(&http::Method::from_bytes(b"PROPFIND").unwrap()),
+            RouteKind::Other,
+            None,
+            0,
+            0,
+        );
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(
+            "regguard_requests_total{method=\"PATCH\",route=\"upload\",status_class=\"2xx\"} 1"
+        ));
+        assert!(text.contains(
+            "regguard_requests_total{method=\"other\",route=\"other\",status_class=\"none\"} 1"
+        ));
+        assert!(text.contains("regguard_request_body_bytes_total{route=\"upload\"} 10"));
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(class_index(Some(http::StatusCode::CONTINUE)), 0);
+        assert_eq!(class_index(Some(http::StatusCode::NOT_FOUND)), 3);
+        assert_eq!(class_index(Some(http::StatusCode::BAD_GATEWAY)), 4);
+        assert_eq!(class_index(None), 5);
+    }
+}

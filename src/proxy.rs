@@ -1,0 +1,451 @@
+//! The forwarding path.
+//!
+//! One request goes through these phases, in order, over one [`Exchange`]:
+//!
+//! 1. **classify** the path (`route::classify`);
+//! 2. **answer locally** what regguard owns (`GET /`, the nginx liveness answer);
+//! 3. **forward**: rewrite the request head like the nginx front did (Host kept
+//!    with its port, X-Forwarded-* set, client-chosen forwarding hosts dropped,
+//!    hop-by-hop headers removed) and stream the body to the pooled upstream;
+//! 4. **relay** the response head and stream its body back;
+//! 5. **log and count** when the response body ends or is dropped.
+//!
+//! Nothing here waits on anything but the client and the upstream.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{Direction, Metered, ResponseBody, Tally, UpstreamBody};
+use crate::config::Upstream;
+use crate::error::ForwardError;
+use crate::metrics::{method_index, Metrics};
+use crate::route::{self, RouteKind};
+use crate::upstream::UpstreamClient;
+
+/// What the proxy knows about the client connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub tls: bool,
+}
+
+/// The forwarding path's shared state.
+pub struct Proxy {
+    upstream: Upstream,
+    client: UpstreamClient,
+    metrics: Arc<Metrics>,
+    idle_timeout: Duration,
+    access_log: bool,
+    connect_timeout: Duration,
+}
+
+impl Proxy {
+    pub fn new(
+        upstream: Upstream,
+        client: UpstreamClient,
+        metrics: Arc<Metrics>,
+        idle_timeout: Duration,
+        access_log: bool,
+        connect_timeout: Duration,
+    ) -> Self {
+        Proxy {
+            upstream,
+            client,
+            metrics,
+            idle_timeout,
+            access_log,
+            connect_timeout,
+        }
+    }
+
+    /// Handles one client request; never fails (failures become OCI error responses).
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let route = route::classify(req.uri().path());
+        let route_kind = route.kind;
+        let mut exchange = Exchange {
+            metrics: self.metrics.clone(),
+            tally: Arc::new(Tally::default()),
+            method: req.method().clone(),
+            route: route.kind,
+            repository: route.repository.map(str::to_owned),
+            client: conn.remote,
+            started,
+            status: None,
+            error: None,
+            access_log: self.access_log,
+        };
+
+        let mut response = if route_kind == RouteKind::Root
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+        {
+            liveness()
+        } else {
+            match self.forward(req, conn, exchange.tally.clone()).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    self.metrics.upstream_error(e.kind());
+                    exchange.error = Some(e.kind());
+                    tracing::warn!(
+                        route = route_kind.as_str(),
+                        client = %conn.remote,
+                        error = %e,
+                        "forwarding failed"
+                    );
+                    e.to_response()
+                }
+            }
+        };
+        exchange.status = Some(response.status());
+        self.metrics
+            .observe_header_latency(exchange.route, started.elapsed().as_secs_f64());
+        response.body_mut().attach(exchange);
+        response
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        tally: Arc<Tally>,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        let (mut head, body) = req.into_parts();
+        let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let uri = self
+            .upstream
+            .uri_for(path_and_query)
+            .map_err(|e| ForwardError::Unreachable(format!("cannot build upstream URI: {e}")))?;
+        rewrite_request_headers(
+            &mut head.headers,
+            head.uri.authority(),
+            conn,
+            &self.upstream,
+        );
+        head.uri = uri;
+        head.version = Version::HTTP_11;
+        let body = UpstreamBody::Client {
+            body: Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request),
+        };
+
+        let sent = tokio::time::timeout(
+            self.idle_timeout,
+            self.client.request(Request::from_parts(head, body)),
+        )
+        .await;
+        let response = match sent {
+            Err(_) => {
+                return Err(ForwardError::Timeout {
+                    stage: "response headers",
+                    after: self.idle_timeout,
+                })
+            }
+            Ok(Err(e)) => return Err(self.classify_client_error(&e, &tally)),
+            Ok(Ok(r)) => r,
+        };
+
+        let (mut head, body) = response.into_parts();
+        remove_hop_by_hop(&mut head.headers);
+        let body = Metered::new(body, self.idle_timeout, tally, Direction::Response);
+        Ok(Response::from_parts(head, ResponseBody::upstream(body)))
+    }
+}
+
+impl Proxy {
+    fn classify_client_error(
+        &self,
+        e: &hyper_util::client::legacy::Error,
+        tally: &Tally,
+    ) -> ForwardError {
+        if tally.request_failed.load(Ordering::Relaxed) {
+            return ForwardError::ClientAborted(error_chain(e));
+        }
+        if e.is_connect() && has_timeout(e) {
+            return ForwardError::Timeout {
+                stage: "connect",
+                after: self.connect_timeout,
+            };
+        }
+        ForwardError::Unreachable(error_chain(e))
+    }
+}
+
+/// `GET /` on the public listener, as the nginx front answered it.
+fn liveness() -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(Bytes::from_static(b"ok")));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+fn has_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The error and its sources on one line: hyper's top-level errors are terse.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        cur = err.source();
+    }
+    out
+}
+
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes the hop-by-hop fields of RFC 9110 §7.6.1: those named by `Connection`,
+/// and `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade`.
+/// Framing is hyper's job on each side (chunked or Content-Length as the body says).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Rewrites a client's request head for the upstream, as the nginx front's
+/// `proxy_set_header` lines did, minus its weakness: a client may not choose the
+/// host the registry writes into `Location` (X-Forwarded-Host, Forwarded).
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    authority: Option<&http::uri::Authority>,
+    conn: ConnInfo,
+    upstream: &Upstream,
+) {
+    remove_hop_by_hop(headers);
+    // hyper's server has already answered `100 Continue` when it started reading the body.
+    headers.remove(header::EXPECT);
+    headers.remove(&X_FORWARDED_HOST);
+    headers.remove(&FORWARDED);
+
+    // Host with its port (nginx's `Host $http_host`). HTTP/2 clients send :authority instead.
+    if !headers.contains_key(header::HOST) {
+        let host = authority
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .unwrap_or_else(|| upstream.host_header.clone());
+        headers.insert(header::HOST, host);
+    }
+
+    let ip = conn.remote.ip().to_string();
+    // nginx's $proxy_add_x_forwarded_for: the client's list, then the peer address.
+    let mut xff = String::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            if !s.trim().is_empty() {
+                xff.push_str(s.trim());
+                xff.push_str(", ");
+            }
+        }
+    }
+    xff.push_str(&ip);
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&ip) {
+        headers.insert(&X_REAL_IP, v);
+    }
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+}
+
+/// One request/response exchange: counted and logged once, when it ends.
+///
+/// Created when the request arrives; moved into the response body once the
+/// head is known. Dropped when the body has been sent, or earlier when the
+/// client goes away; either way `Drop` writes the one log line and the counters.
+pub struct Exchange {
+    metrics: Arc<Metrics>,
+    tally: Arc<Tally>,
+    method: Method,
+    route: RouteKind,
+    repository: Option<String>,
+    client: SocketAddr,
+    started: Instant,
+    status: Option<StatusCode>,
+    error: Option<&'static str>,
+    access_log: bool,
+}
+
+impl Exchange {
+    /// The counters shared with this exchange's bodies.
+    pub fn tally(&self) -> &Tally {
+        &self.tally
+    }
+
+    fn outcome(&self) -> &'static str {
+        if self.status.is_none() {
+            return "client_closed";
+        }
+        if self.tally.request_failed.load(Ordering::Relaxed) {
+            return "request_body_failed";
+        }
+        if self.tally.response_failed.load(Ordering::Relaxed) {
+            return "response_body_failed";
+        }
+        if self.tally.response_complete.load(Ordering::Relaxed) {
+            "complete"
+        } else {
+            "client_closed"
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let bytes_in = self.tally.bytes_in.load(Ordering::Relaxed);
+        let bytes_out = self.tally.bytes_out.load(Ordering::Relaxed);
+        let outcome = self.outcome();
+        self.metrics.observe_exchange(
+            method_index(&self.method),
+            self.route,
+            self.status,
+            bytes_in,
+            bytes_out,
+        );
+        if self.tally.response_failed.load(Ordering::Relaxed) {
+            self.metrics.upstream_error("upstream_body");
+        }
+        if self.access_log {
+            tracing::info!(
+                target: "regguard::access",
+                method = %self.method,
+                route = self.route.as_str(),
+                repository = self.repository.as_deref().unwrap_or(""),
+                status = self.status.map_or(0, |s| s.as_u16()),
+                bytes_in,
+                bytes_out,
+                duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+                client = %self.client,
+                outcome,
+                error = self.error.unwrap_or(""),
+                "request"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(tls: bool) -> ConnInfo {
+        ConnInfo {
+            remote: "10.1.2.3:4444".parse().unwrap(),
+            tls,
+        }
+    }
+
+    #[test]
+    fn forwarding_headers_follow_the_nginx_front_without_its_holes() {
+        let up = Upstream::parse("http://reg:5000").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::HOST,
+            HeaderValue::from_static("public.example:5050"),
+        );
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.2"));
+        h.insert(&X_FORWARDED_HOST, HeaderValue::from_static("evil.example"));
+        h.insert(&FORWARDED, HeaderValue::from_static("host=evil.example"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("gopher"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic eDp5"),
+        );
+        rewrite_request_headers(&mut h, None, conn(true), &up);
+        assert_eq!(h[header::HOST], "public.example:5050");
+        assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.1, 192.0.2.2, 10.1.2.3");
+        assert_eq!(h[&X_REAL_IP], "10.1.2.3");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert!(!h.contains_key(&X_FORWARDED_HOST));
+        assert!(!h.contains_key(&FORWARDED));
+        assert!(!h.contains_key(header::CONNECTION));
+        assert!(!h.contains_key("x-hop"));
+        assert!(!h.contains_key(header::EXPECT));
+        assert_eq!(h[header::AUTHORIZATION], "Basic eDp5");
+    }
+
+    #[test]
+    fn http2_authority_becomes_host() {
+        let up = Upstream::parse("http://reg:5000").unwrap();
+        let mut h = HeaderMap::new();
+        let authority: http::uri::Authority = "public.example:5050".parse().unwrap();
+        rewrite_request_headers(&mut h, Some(&authority), conn(false), &up);
+        assert_eq!(h[header::HOST], "public.example:5050");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+    }
+
+    #[test]
+    fn response_hop_by_hop_fields_are_removed_and_registry_fields_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(&KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::LOCATION,
+            HeaderValue::from_static("http://x/v2/a/blobs/uploads/1"),
+        );
+        h.insert(
+            "docker-content-digest",
+            HeaderValue::from_static("sha256:00"),
+        );
+        remove_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::TRANSFER_ENCODING));
+        assert!(!h.contains_key(&KEEP_ALIVE));
+        assert!(h.contains_key(header::LOCATION));
+        assert!(h.contains_key("docker-content-digest"));
+    }
+}

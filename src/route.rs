@@ -1,0 +1,187 @@
+//! What a request path means in the distribution API.
+//!
+//! Classification is purely syntactic (no allocation for the kind; the
+//! repository and reference are borrowed from the path) and bounded: the kind
+//! doubles as a metric label.
+
+/// The kind of distribution endpoint a path addresses. Bounded: used as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteKind {
+    /// `/` on the public listener: the liveness answer nginx gave.
+    Root,
+    /// `/v2/`: the API base check.
+    Base,
+    /// `/v2/<name>/manifests/<reference>`.
+    Manifest,
+    /// `/v2/<name>/blobs/<digest>`.
+    Blob,
+    /// `/v2/<name>/blobs/uploads/[<uuid>]`.
+    Upload,
+    /// `/v2/<name>/tags/list`.
+    Tags,
+    /// `/v2/_catalog`.
+    Catalog,
+    /// Anything else.
+    Other,
+}
+
+impl RouteKind {
+    /// All kinds, in label order (for pre-registering metric handles).
+    pub const ALL: [RouteKind; 8] = [
+        RouteKind::Root,
+        RouteKind::Base,
+        RouteKind::Manifest,
+        RouteKind::Blob,
+        RouteKind::Upload,
+        RouteKind::Tags,
+        RouteKind::Catalog,
+        RouteKind::Other,
+    ];
+
+    /// The metric/log label of this kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Root => "root",
+            RouteKind::Base => "base",
+            RouteKind::Manifest => "manifest",
+            RouteKind::Blob => "blob",
+            RouteKind::Upload => "upload",
+            RouteKind::Tags => "tags",
+            RouteKind::Catalog => "catalog",
+            RouteKind::Other => "other",
+        }
+    }
+
+    /// Index into [`RouteKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A classified request path: the kind, and where it applies, the repository
+/// name and the reference (tag, digest or upload id), borrowed from the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub kind: RouteKind,
+    pub repository: Option<&'a str>,
+    pub reference: Option<&'a str>,
+}
+
+impl<'a> Route<'a> {
+    fn plain(kind: RouteKind) -> Self {
+        Route {
+            kind,
+            repository: None,
+            reference: None,
+        }
+    }
+}
+
+/// Classifies a request path (without query string).
+///
+/// Repository names may themselves contain `/` and even components named
+/// `blobs` or `manifests`, so the endpoint is recognised from the right.
+pub fn classify(path: &str) -> Route<'_> {
+    if path == "/" {
+        return Route::plain(RouteKind::Root);
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return Route::plain(RouteKind::Other);
+    };
+    if rest.is_empty() {
+        return Route::plain(RouteKind::Base);
+    }
+    if rest == "_catalog" {
+        return Route::plain(RouteKind::Catalog);
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return named(RouteKind::Tags, name, None);
+    }
+    let Some((head, last)) = rest.rsplit_once('/') else {
+        return Route::plain(RouteKind::Other);
+    };
+    if let Some(name) = head.strip_suffix("/blobs/uploads") {
+        let id = (!last.is_empty()).then_some(last);
+        return named(RouteKind::Upload, name, id);
+    }
+    if last.is_empty() {
+        return Route::plain(RouteKind::Other);
+    }
+    if let Some(name) = head.strip_suffix("/blobs") {
+        return named(RouteKind::Blob, name, Some(last));
+    }
+    if let Some(name) = head.strip_suffix("/manifests") {
+        return named(RouteKind::Manifest, name, Some(last));
+    }
+    Route::plain(RouteKind::Other)
+}
+
+fn named<'a>(kind: RouteKind, name: &'a str, reference: Option<&'a str>) -> Route<'a> {
+    if name.is_empty() {
+        return Route::plain(RouteKind::Other);
+    }
+    Route {
+        kind,
+        repository: Some(name),
+        reference,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(p: &str) -> RouteKind {
+        classify(p).kind
+    }
+
+    #[test]
+    fn base_root_catalog_and_unknown() {
+        assert_eq!(k("/"), RouteKind::Root);
+        assert_eq!(k("/v2/"), RouteKind::Base);
+        assert_eq!(k("/v2"), RouteKind::Other);
+        assert_eq!(k("/v2/_catalog"), RouteKind::Catalog);
+        assert_eq!(k("/metrics"), RouteKind::Other);
+        assert_eq!(k("/v2/justname"), RouteKind::Other);
+    }
+
+    #[test]
+    fn manifests_with_nested_repository_names() {
+        let r = classify("/v2/team/app/manifests/latest");
+        assert_eq!(r.kind, RouteKind::Manifest);
+        assert_eq!(r.repository, Some("team/app"));
+        assert_eq!(r.reference, Some("latest"));
+        // A repository whose own components are named like endpoints.
+        let r = classify("/v2/blobs/manifests/blobs/sha256:ab");
+        assert_eq!(r.kind, RouteKind::Blob);
+        assert_eq!(r.repository, Some("blobs/manifests"));
+        assert_eq!(r.reference, Some("sha256:ab"));
+        assert_eq!(k("/v2/x/manifests/"), RouteKind::Other);
+        assert_eq!(k("/v2//manifests/latest"), RouteKind::Other);
+    }
+
+    #[test]
+    fn uploads_with_and_without_session_id() {
+        let r = classify("/v2/a/b/blobs/uploads/");
+        assert_eq!(r.kind, RouteKind::Upload);
+        assert_eq!(r.repository, Some("a/b"));
+        assert_eq!(r.reference, None);
+        let r = classify("/v2/a/blobs/uploads/5f0c-uuid");
+        assert_eq!(r.kind, RouteKind::Upload);
+        assert_eq!(r.reference, Some("5f0c-uuid"));
+    }
+
+    #[test]
+    fn tags_list() {
+        let r = classify("/v2/org/img/tags/list");
+        assert_eq!(r.kind, RouteKind::Tags);
+        assert_eq!(r.repository, Some("org/img"));
+    }
+
+    #[test]
+    fn kinds_index_matches_all_order() {
+        for (i, kind) in RouteKind::ALL.iter().enumerate() {
+            assert_eq!(kind.index(), i);
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Listeners, TLS handshakes, connection serving and graceful shutdown.
+//!
+//! The public listener speaks HTTP/1.1 and HTTP/2 (ALPN over TLS, prior
+//! knowledge in plain text); the admin listener speaks HTTP/1.1. On shutdown
+//! both stop accepting, idle connections close, and in-flight exchanges get up
+//! to `drain_timeout` to finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admin::Admin;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::proxy::{ConnInfo, Proxy};
+
+/// hyper's per-connection read buffer ceiling for client connections (uploads).
+/// Large enough that a fast client's blob PATCH is read in few syscalls; one
+/// stalled connection pins at most this much.
+const CLIENT_READ_BUF_MAX: usize = 1024 * 1024;
+
+/// HTTP/2 flow-control windows. The 64 KiB protocol default caps a single
+/// upload stream at one window per round trip; 4 MiB per stream keeps a blob
+/// push moving without letting one stream hold more than that in memory.
+const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+const H2_MAX_STREAMS: u32 = 256;
+
+/// Why `serve` could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// The addresses a running server actually bound (useful with port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Binds both listeners and serves until `shutdown` resolves, then drains.
+pub async fn serve(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+    on_bound: impl FnOnce(Bound) + Send,
+) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::new()?);
+    let client = crate::upstream::client(settings.connect_timeout);
+    let tls = settings
+        .tls
+        .as_ref()
+        .map(crate::tls::acceptor)
+        .transpose()?;
+
+    let public = bind("listen", settings.listen).await?;
+    let admin_listener = bind("admin_listen", settings.admin_listen).await?;
+    let bound = Bound {
+        public: public.local_addr().unwrap_or(settings.listen),
+        admin: admin_listener.local_addr().unwrap_or(settings.admin_listen),
+    };
+    tracing::info!(
+        listen = %bound.public,
+        admin = %bound.admin,
+        upstream = %settings.upstream.authority,
+        tls = tls.is_some(),
+        version = crate::VERSION,
+        "regguard serving"
+    );
+    on_bound(bound);
+
+    let proxy = Arc::new(Proxy::new(
+        settings.upstream.clone(),
+        client.clone(),
+        metrics.clone(),
+        settings.idle_timeout,
+        settings.access_log,
+        settings.connect_timeout,
+    ));
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        client,
+        upstream: settings.upstream.clone(),
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let graceful = GracefulShutdown::new();
+    let builder = connection_builder(&settings);
+
+    let admin_task = tokio::spawn(admin_loop(admin_listener, admin, stop_rx.clone()));
+
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = public.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        metrics.connections_total.inc();
+        let conn = ConnInfo {
+            remote,
+            tls: tls.is_some(),
+        };
+        let task = ConnTask {
+            proxy: proxy.clone(),
+            metrics: metrics.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            header_read_timeout: settings.header_read_timeout,
+        };
+        match &tls {
+            Some(acceptor) => {
+                tokio::spawn(task.serve_tls(acceptor.clone(), stream, conn));
+            }
+            None => {
+                tokio::spawn(task.serve_io(stream, conn));
+            }
+        }
+    }
+
+    drop(public);
+    let _ = stop_tx.send(true);
+    tracing::info!(
+        drain_timeout = ?settings.drain_timeout,
+        "shutting down: no new connections; waiting for in-flight requests"
+    );
+    match tokio::time::timeout(settings.drain_timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections drained"),
+        Err(_) => tracing::warn!(
+            drain_timeout = ?settings.drain_timeout,
+            "drain timeout reached; cutting the remaining connections"
+        ),
+    }
+    let _ = admin_task.await;
+    Ok(())
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { key, addr, source })
+}
+
+fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(true)
+        .max_buf_size(CLIENT_READ_BUF_MAX);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// Everything one client connection's task needs.
+struct ConnTask {
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    header_read_timeout: Duration,
+}
+
+impl ConnTask {
+    async fn serve_tls(self, acceptor: TlsAcceptor, stream: TcpStream, conn: ConnInfo) {
+        // The handshake counts against the header-read budget: a slow-loris TLS client is one too.
+        match tokio::time::timeout(self.header_read_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => self.serve_io(tls, conn).await,
+            Ok(Err(e)) => {
+                self.metrics.tls_handshake_failures.inc();
+                tracing::debug!(client = %conn.remote, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                self.metrics.tls_handshake_failures.inc();
+                tracing::debug!(client = %conn.remote, "TLS handshake timed out");
+            }
+        }
+    }
+
+    async fn serve_io<I>(self, io: I, conn: ConnInfo)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.metrics.connections_open.inc();
+        let proxy = self.proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, conn).await) }
+        });
+        let connection = self
+            .builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        if let Err(e) = self.watcher.watch(connection).await {
+            tracing::debug!(client = %conn.remote, error = %e, "client connection ended with an error");
+        }
+        self.metrics.connections_open.dec();
+    }
+}
+
+async fn admin_loop(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+    let builder = hyper::server::conn::http1::Builder::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| {
+                let admin = admin.clone();
+                async move { admin.handle(req).await }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
