@@ -90,12 +90,12 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
+        let mut this = self.project();
         let failed_flag = match this.direction {
             Direction::Request => &this.tally.request_failed,
             Direction::Response => &this.tally.response_failed,
         };
-        match this.inner.poll_frame(cx) {
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let counter = match this.direction {
@@ -103,6 +103,11 @@ where
                         Direction::Response => &this.tally.bytes_out,
                     };
                     counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                // A body with a known length ends with its last data frame; hyper
+                // never polls it again for the `None`.
+                if *this.direction == Direction::Response && this.inner.is_end_stream() {
+                    this.tally.response_complete.store(true, Ordering::Relaxed);
                 }
                 // One clock read per frame; the timer itself is only re-armed when it fires.
                 *this.last_frame = Instant::now();
@@ -237,6 +242,13 @@ impl ResponseBody {
 
     /// Hands the exchange record to the body, to be finished when the body is.
     pub fn attach(&mut self, exchange: Exchange) {
+        if self.is_end_stream() {
+            // HEAD, 204, 304, empty bodies: hyper will not poll the body at all.
+            exchange
+                .tally()
+                .response_complete
+                .store(true, Ordering::Relaxed);
+        }
         self.exchange = Some(exchange);
     }
 }

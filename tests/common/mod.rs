@@ -1,0 +1,437 @@
+//! Test harness: real registry, real regguard binary, real nginx, real clients.
+//!
+//! Every process is started on free loopback ports in its own temp dir and
+//! stopped by PID when its handle drops. A missing tool fails the test with the
+//! Debian package to install; nothing is skipped.
+#![allow(dead_code)]
+
+pub mod http;
+pub mod oci;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fails the test unless `bin` exists, naming the Debian package that provides it.
+pub fn require_tool(bin: &str, package: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin", "/sbin"] {
+        let p = Path::new(dir).join(bin);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("`{bin}` is not installed: install the Debian package `{package}` (apt-get install -y {package}); .ci/run does this");
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().unwrap().port()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: SocketAddr, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!(
+        "{what} did not start listening on {addr} within 30s; its log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// Polls `f` until it returns `Some`, failing after `limit` with `what`.
+pub fn poll_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process stopped (SIGKILL by PID) when dropped, unless already reaped.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process still owned").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal by PID with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("process still owned");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("process did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident set size (VmHWM) in KiB, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
+    let out = std::fs::File::create(&log).unwrap();
+    let err = out.try_clone().unwrap();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    Proc {
+        child: Some(child),
+        log,
+    }
+}
+
+/// Options of a test registry.
+#[derive(Default, Clone)]
+pub struct RegistryOptions {
+    /// htpasswd (bcrypt) auth with this user and password.
+    pub auth: Option<(String, String)>,
+}
+
+/// A real CNCF distribution registry (Debian's `docker-registry`, 2.8) with
+/// filesystem storage in a temp dir, delete enabled, blob descriptor cache off.
+pub struct Registry {
+    pub addr: SocketAddr,
+    pub storage: PathBuf,
+    pub proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Self {
+        Self::start_with(RegistryOptions::default())
+    }
+
+    pub fn start_with(opts: RegistryOptions) -> Self {
+        let bin = require_tool("docker-registry", "docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("storage");
+        std::fs::create_dir_all(&storage).unwrap();
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let auth = match &opts.auth {
+            Some((user, pass)) => {
+                let hash = bcrypt::hash(pass, 4).unwrap();
+                let path = dir.path().join("htpasswd");
+                std::fs::write(&path, format!("{user}:{hash}\n")).unwrap();
+                format!(
+                    "auth:\n  htpasswd:\n    realm: regguard-test\n    path: {}\n",
+                    path.display()
+                )
+            }
+            None => String::new(),
+        };
+        // No `cache:` under storage: the blob descriptor cache would hide removed layer links.
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n{auth}",
+            storage.display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.path().join("registry.log");
+        let proc = spawn(
+            Command::new(bin).arg("serve").arg(&config_path),
+            log.clone(),
+        );
+        wait_for_port(addr, "docker-registry", &log);
+        Registry {
+            addr,
+            storage,
+            proc,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn repo_dir(&self, repo: &str) -> PathBuf {
+        self.storage
+            .join("docker/registry/v2/repositories")
+            .join(repo)
+    }
+
+    /// The failure mode of REFERENCE §2: the manifest's revision link is gone.
+    pub fn remove_revision_link(&self, repo: &str, digest: &str) {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        let link = self
+            .repo_dir(repo)
+            .join("_manifests/revisions/sha256")
+            .join(hex)
+            .join("link");
+        std::fs::remove_file(&link).unwrap_or_else(|e| panic!("remove {}: {e}", link.display()));
+    }
+
+    /// The second fault: a layer link gone from the repository.
+    pub fn remove_layer_link(&self, repo: &str, digest: &str) {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        let link = self
+            .repo_dir(repo)
+            .join("_layers/sha256")
+            .join(hex)
+            .join("link");
+        std::fs::remove_file(&link).unwrap_or_else(|e| panic!("remove {}: {e}", link.display()));
+    }
+
+    /// Whether the blob's data exists anywhere in storage (linked or not).
+    pub fn blob_data_exists(&self, digest: &str) -> bool {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+            .exists()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+}
+
+/// The regguard binary under test, started as an operator would start it.
+pub struct Regguard {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub proc: Proc,
+    dir: tempfile::TempDir,
+}
+
+/// How to start regguard in a test.
+#[derive(Default, Clone)]
+pub struct RegguardOptions {
+    /// PEM cert and key for TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Extra `serve` flags.
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl Regguard {
+    pub fn start(upstream: &str) -> Self {
+        Self::start_with(upstream, RegguardOptions::default())
+    }
+
+    pub fn start_with(upstream: &str, opts: RegguardOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.path().join("regguard.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regguard"));
+        cmd.arg("serve")
+            .args(["--listen", &public.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--upstream", upstream])
+            .args(["--log-format", "json"])
+            .args(&opts.args)
+            .env_remove("REGGUARD_CONFIG")
+            .env("REGGUARD_LOG", "info");
+        if let Some((cert, key)) = &opts.tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let proc = spawn(&mut cmd, log.clone());
+        wait_for_port(public, "regguard", &log);
+        wait_for_port(admin, "regguard admin", &log);
+        Regguard {
+            public,
+            admin,
+            proc,
+            dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.public)
+    }
+
+    /// `host:port` of the public listener, as clients name it.
+    pub fn host(&self) -> String {
+        self.public.to_string()
+    }
+
+    pub fn metrics(&self) -> String {
+        http::get_text(&format!("http://{}/metrics", self.admin))
+    }
+
+    /// The value of one exact series line (`name{labels}`), or 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics(), series)
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+}
+
+/// The value of one exact series in a Prometheus text exposition, or 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// nginx configured from a file in `nginx-compat/`, with `@PLACEHOLDERS@` filled in.
+pub struct Nginx {
+    pub addr: SocketAddr,
+    pub proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx with `nginx-compat/<template>`; `vars` replace `@NAME@` in it
+    /// (LISTEN, UPSTREAM and PREFIX are provided).
+    pub fn start(template: &str, upstream: SocketAddr, vars: &[(&str, String)]) -> Self {
+        let bin = require_tool("nginx", "nginx-light");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("nginx-compat")
+                .join(template),
+        )
+        .unwrap();
+        let mut conf = text
+            .replace("@LISTEN@", &addr.to_string())
+            .replace("@UPSTREAM@", &upstream.to_string())
+            .replace("@PREFIX@", &dir.path().display().to_string());
+        for (k, v) in vars {
+            conf = conf.replace(&format!("@{k}@"), v);
+        }
+        assert!(!conf.contains('@'), "unfilled placeholder in {template}");
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::File::create(&conf_path)
+            .unwrap()
+            .write_all(conf.as_bytes())
+            .unwrap();
+        let log = dir.path().join("nginx.log");
+        let proc = spawn(
+            Command::new(bin)
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&conf_path)
+                .args(["-g", "daemon off;"]),
+            log.clone(),
+        );
+        wait_for_port(addr, "nginx", &log);
+        Nginx {
+            addr,
+            proc,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A self-signed certificate for `127.0.0.1` and `localhost`, written as PEM files.
+pub struct TestCert {
+    pub cert_pem: PathBuf,
+    pub key_pem: PathBuf,
+    pub cert_der: Vec<u8>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCert {
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec![
+            "127.0.0.1".to_string(),
+            "localhost".to_string(),
+        ])
+        .unwrap();
+        let cert_pem = dir.path().join("fullchain.pem");
+        let key_pem = dir.path().join("privkey.pem");
+        std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+        std::fs::write(&key_pem, cert.signing_key.serialize_pem()).unwrap();
+        TestCert {
+            cert_pem,
+            key_pem,
+            cert_der: cert.cert.der().to_vec(),
+            _dir: dir,
+        }
+    }
+}
+
+/// Runs skopeo with the given arguments, failing the test with its output on error.
+pub fn skopeo(args: &[&str]) -> String {
+    let bin = require_tool("skopeo", "skopeo");
+    let out = Command::new(bin)
+        .args(args)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
