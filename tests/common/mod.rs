@@ -341,9 +341,27 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx with `nginx-compat/<template>`; `vars` replace `@NAME@` in it
-    /// (LISTEN, UPSTREAM and PREFIX are provided).
-    pub fn start(template: &str, upstream: SocketAddr, vars: &[(&str, String)]) -> Self {
+    /// Starts nginx with `nginx-compat/<template>` over plain HTTP.
+    pub fn start(template: &str, upstream: SocketAddr) -> Self {
+        Self::start_with(template, upstream, None)
+    }
+
+    /// Starts nginx with `nginx-compat/<template>`, with TLS from `tls` (cert, key) when given.
+    pub fn start_with(template: &str, upstream: SocketAddr, tls: Option<(&Path, &Path)>) -> Self {
+        let vars: Vec<(&str, String)> = match tls {
+            Some((cert, key)) => vec![
+                ("SSL", "ssl".into()),
+                (
+                    "TLS_LINES",
+                    format!(
+                        "ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_protocols TLSv1.2 TLSv1.3;",
+                        cert.display(),
+                        key.display()
+                    ),
+                ),
+            ],
+            None => vec![("SSL", String::new()), ("TLS_LINES", String::new())],
+        };
         let bin = require_tool("nginx", "nginx-light");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -358,10 +376,18 @@ impl Nginx {
             .replace("@LISTEN@", &addr.to_string())
             .replace("@UPSTREAM@", &upstream.to_string())
             .replace("@PREFIX@", &dir.path().display().to_string());
-        for (k, v) in vars {
+        for (k, v) in &vars {
             conf = conf.replace(&format!("@{k}@"), v);
         }
-        assert!(!conf.contains('@'), "unfilled placeholder in {template}");
+        let unfilled = conf
+            .split('@')
+            .skip(1)
+            .step_by(2)
+            .find(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
+        assert!(
+            unfilled.is_none(),
+            "unfilled placeholder @{unfilled:?}@ in {template}"
+        );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::File::create(&conf_path)
             .unwrap()
