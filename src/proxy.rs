@@ -28,7 +28,7 @@ use crate::config::Upstream;
 use crate::error::ForwardError;
 use crate::metrics::{method_index, Metrics};
 use crate::route::{self, RouteKind};
-use crate::upstream::UpstreamClient;
+use crate::upstream::{BulkPermit, Pools};
 
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +40,7 @@ pub struct ConnInfo {
 /// The forwarding path's shared state.
 pub struct Proxy {
     upstream: Upstream,
-    client: UpstreamClient,
+    pools: Pools,
     metrics: Arc<Metrics>,
     idle_timeout: Duration,
     access_log: bool,
@@ -50,7 +50,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(
         upstream: Upstream,
-        client: UpstreamClient,
+        pools: Pools,
         metrics: Arc<Metrics>,
         idle_timeout: Duration,
         access_log: bool,
@@ -58,7 +58,7 @@ impl Proxy {
     ) -> Self {
         Proxy {
             upstream,
-            client,
+            pools,
             metrics,
             idle_timeout,
             access_log,
@@ -82,6 +82,7 @@ impl Proxy {
             status: None,
             error: None,
             access_log: self.access_log,
+            _bulk: None,
         };
 
         let mut response = if route_kind == RouteKind::Root
@@ -89,7 +90,7 @@ impl Proxy {
         {
             liveness()
         } else {
-            match self.forward(req, conn, exchange.tally.clone()).await {
+            match self.forward(req, conn, &mut exchange).await {
                 Ok(resp) => resp,
                 Err(e) => {
                     self.metrics.upstream_error(e.kind());
@@ -115,8 +116,20 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
-        tally: Arc<Tally>,
+        exchange: &mut Exchange,
     ) -> Result<Response<ResponseBody>, ForwardError> {
+        let tally = exchange.tally.clone();
+        // Blob downloads get large upstream reads while the bulk budget lasts (see `upstream`).
+        let client = match (exchange.route, req.method()) {
+            (RouteKind::Blob, &Method::GET) => match self.pools.try_bulk() {
+                Some((client, permit)) => {
+                    exchange._bulk = Some(permit);
+                    client
+                }
+                None => self.pools.lean(),
+            },
+            _ => self.pools.lean(),
+        };
         let (mut head, body) = req.into_parts();
         let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let uri = self
@@ -137,7 +150,7 @@ impl Proxy {
 
         let sent = tokio::time::timeout(
             self.idle_timeout,
-            self.client.request(Request::from_parts(head, body)),
+            client.request(Request::from_parts(head, body)),
         )
         .await;
         let response = match sent {
@@ -309,6 +322,8 @@ pub struct Exchange {
     status: Option<StatusCode>,
     error: Option<&'static str>,
     access_log: bool,
+    /// Held for the life of a bulk blob download (released with the exchange).
+    _bulk: Option<BulkPermit>,
 }
 
 impl Exchange {

@@ -25,10 +25,11 @@ use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy};
 
-/// hyper's per-connection read buffer ceiling for client connections (uploads).
-/// Large enough that a fast client's blob PATCH is read in few syscalls; one
-/// stalled connection pins at most this much.
-const CLIENT_READ_BUF_MAX: usize = 1024 * 1024;
+/// hyper's per-connection buffer ceiling on client connections: the read buffer
+/// for uploads, and the queue of response frames waiting for a slow client.
+/// 256 KiB reads keep a blob push cheap (CPU per GiB is the same as with 1 MiB
+/// on loopback), and bound what one slow client can pin.
+const CLIENT_BUF_MAX: usize = 256 * 1024;
 
 /// HTTP/2 flow-control windows. The 64 KiB protocol default caps a single
 /// upload stream at one window per round trip; 4 MiB per stream keeps a blob
@@ -66,7 +67,7 @@ pub async fn serve(
     on_bound: impl FnOnce(Bound) + Send,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new()?);
-    let client = crate::upstream::client(settings.connect_timeout);
+    let pools = crate::upstream::Pools::new(settings.connect_timeout);
     let tls = settings
         .tls
         .as_ref()
@@ -91,7 +92,7 @@ pub async fn serve(
 
     let proxy = Arc::new(Proxy::new(
         settings.upstream.clone(),
-        client.clone(),
+        pools.clone(),
         metrics.clone(),
         settings.idle_timeout,
         settings.access_log,
@@ -99,7 +100,7 @@ pub async fn serve(
     ));
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
-        client,
+        client: pools.lean().clone(),
         upstream: settings.upstream.clone(),
     });
 
@@ -176,7 +177,7 @@ fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .keep_alive(true)
-        .max_buf_size(CLIENT_READ_BUF_MAX);
+        .max_buf_size(CLIENT_BUF_MAX);
     builder
         .http2()
         .timer(TokioTimer::new())

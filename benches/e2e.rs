@@ -1,0 +1,717 @@
+//! End-to-end benchmark on loopback: direct to the registry vs the nginx
+//! front (as deployed, and tuned) vs regguard, interleaved in one run.
+//!
+//! `cargo bench --bench e2e` (about 5 minutes on 2 cores). Prints a Markdown table
+//! with ratios, and the machine it ran on. Measures:
+//! (a) 1 GiB blob GET throughput and each proxy's CPU seconds per GiB (from
+//!     /proc/<pid>/stat, all of a proxy's processes), over plain HTTP and TLS;
+//! (b) manifest GET by tag at 32 connections: requests/s, p50, p99;
+//! (c) (a) and (b) against a minimal in-process upstream, to show the proxies'
+//!     own ceiling without the registry's CPU in the way;
+//! (d) regguard's peak RSS while relaying 256 concurrent blob streams.
+//! Settings: BENCH_ROUNDS (default 5), BENCH_SECONDS per load run (default 3).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::http::{self, pattern_digest, send, send_body, PatternBody};
+use common::oci::{self, ACCEPT_ALL};
+use common::{Nginx, Regguard, RegguardOptions, Registry, TestCert};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+const GIB: u64 = 1024 * 1024 * 1024;
+const MANIFEST_CONNECTIONS: usize = 32;
+const STREAMS: usize = 256;
+const STREAM_BLOB: u64 = 16 * 1024 * 1024;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// CPU seconds (user + system) of a process and all its children (nginx workers).
+fn cpu_seconds(pid: u32) -> f64 {
+    let tick = 100.0; // CLK_TCK on Linux x86_64 and arm64.
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let this: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
+        let ppid: u32 = fields[1].parse().unwrap_or(0);
+        if this == pid || ppid == pid {
+            total +=
+                fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+        }
+    }
+    total as f64 / tick
+}
+
+fn tls_connector(root_der: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(root_der.to_vec()))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(addr: SocketAddr, tls: Option<&tokio_rustls::TlsConnector>) -> Sender {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    match tls {
+        Some(c) => {
+            let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let s = c.connect(name, tcp).await.unwrap();
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            send
+        }
+        None => {
+            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            send
+        }
+    }
+}
+
+fn get_req(addr: SocketAddr, path: &str, accept: bool) -> hyper::Request<Empty<Bytes>> {
+    let mut b = hyper::Request::get(path).header("host", addr.to_string());
+    if accept {
+        b = b.header("accept", ACCEPT_ALL);
+    }
+    b.body(Empty::new()).unwrap()
+}
+
+/// GETs a blob, discarding it; returns (bytes, seconds).
+async fn fetch(
+    addr: SocketAddr,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    path: &str,
+) -> (u64, f64) {
+    let mut send = connect(addr, tls).await;
+    let start = Instant::now();
+    let resp = send.send_request(get_req(addr, path, false)).await.unwrap();
+    assert_eq!(resp.status(), 200, "GET {path} via {addr}");
+    let mut body = resp.into_body();
+    let mut n = 0u64;
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            n += d.len() as u64;
+        }
+    }
+    (n, start.elapsed().as_secs_f64())
+}
+
+struct Load {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// `MANIFEST_CONNECTIONS` keep-alive connections GETting `path` for `secs`.
+async fn load(addr: SocketAddr, path: &str, secs: f64) -> Load {
+    let mut tasks = Vec::new();
+    let stop = Instant::now() + Duration::from_secs_f64(secs + 0.5);
+    let warm = Instant::now() + Duration::from_millis(500);
+    for _ in 0..MANIFEST_CONNECTIONS {
+        let path = path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut send = connect(addr, None).await;
+            let mut lat = Vec::new();
+            loop {
+                let t = Instant::now();
+                if t >= stop {
+                    break;
+                }
+                // nginx closes a client connection after `keepalive_requests` (1000): reconnect.
+                if send.ready().await.is_err() {
+                    send = connect(addr, None).await;
+                }
+                let resp = match send.send_request(get_req(addr, &path, true)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        send = connect(addr, None).await;
+                        continue;
+                    }
+                };
+                assert_eq!(resp.status(), 200);
+                resp.into_body().collect().await.unwrap();
+                if t >= warm {
+                    lat.push(t.elapsed().as_micros() as u32);
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0;
+    Load {
+        rps: all.len() as f64 / secs,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+    }
+}
+
+/// A minimal upstream: answers manifests from memory and streams a 1 GiB blob of
+/// one repeated 1 MiB buffer (zero-copy), to isolate the proxies' own cost.
+fn minimal_upstream(rt: &tokio::runtime::Runtime, index: oci::Blob) -> SocketAddr {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let chunk = http::pattern_chunk(7);
+    rt.spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let (index, chunk) = (index.clone(), chunk.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (index, chunk) = (index.clone(), chunk.clone());
+                        async move {
+                            let path = req.uri().path();
+                            let resp = if path.contains("/manifests/") {
+                                hyper::Response::builder()
+                                    .header("content-type", oci::OCI_INDEX)
+                                    .header("docker-content-digest", index.digest.as_str())
+                                    .body(
+                                        http_body_util::Full::new(index.data.clone())
+                                            .map_err(|e| match e {})
+                                            .boxed(),
+                                    )
+                            } else if path.contains("/blobs/") {
+                                let frames = (0..1024).map(move |_| {
+                                    Ok::<_, Infallible>(hyper::body::Frame::data(chunk.clone()))
+                                });
+                                hyper::Response::builder()
+                                    .header("content-length", GIB.to_string())
+                                    .body(
+                                        http_body_util::StreamBody::new(IterStream(frames)).boxed(),
+                                    )
+                            } else {
+                                hyper::Response::builder().body(
+                                    http_body_util::Full::new(Bytes::from_static(b"{}"))
+                                        .map_err(|e| match e {})
+                                        .boxed(),
+                                )
+                            };
+                            Ok::<_, Infallible>(resp.unwrap())
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct IterStream<I>(I);
+impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
+    type Item = I::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<I::Item>> {
+        std::task::Poll::Ready(self.0.next())
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+#[derive(Default)]
+struct Samples {
+    mibs: Vec<f64>,
+    cpu_per_gib: Vec<f64>,
+    tls_mibs: Vec<f64>,
+    tls_cpu_per_gib: Vec<f64>,
+    rps: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+struct Target {
+    name: &'static str,
+    plain: SocketAddr,
+    tls: Option<SocketAddr>,
+    pid: Option<u32>,
+    samples: Samples,
+}
+
+fn run_suite(
+    rt: &tokio::runtime::Runtime,
+    targets: &mut [Target],
+    connector: &tokio_rustls::TlsConnector,
+    blob_path: &str,
+    manifest_path: &str,
+    rounds: u64,
+    secs: f64,
+) {
+    for round in 0..rounds {
+        for t in targets.iter_mut() {
+            let cpu0 = t.pid.map(cpu_seconds);
+            let (n, s) = rt.block_on(fetch(t.plain, None, blob_path));
+            assert_eq!(n, GIB);
+            t.samples.mibs.push(n as f64 / (1024.0 * 1024.0) / s);
+            if let (Some(pid), Some(c0)) = (t.pid, cpu0) {
+                t.samples
+                    .cpu_per_gib
+                    .push((cpu_seconds(pid) - c0) / (n as f64 / GIB as f64));
+            }
+            if let Some(tls) = t.tls {
+                let cpu0 = t.pid.map(cpu_seconds);
+                let (n, s) = rt.block_on(fetch(tls, Some(connector), blob_path));
+                assert_eq!(n, GIB);
+                t.samples.tls_mibs.push(n as f64 / (1024.0 * 1024.0) / s);
+                if let (Some(pid), Some(c0)) = (t.pid, cpu0) {
+                    t.samples
+                        .tls_cpu_per_gib
+                        .push((cpu_seconds(pid) - c0) / (n as f64 / GIB as f64));
+                }
+            }
+            let l = rt.block_on(load(t.plain, manifest_path, secs));
+            t.samples.rps.push(l.rps);
+            t.samples.p50.push(l.p50_ms);
+            t.samples.p99.push(l.p99_ms);
+            eprintln!(
+                "round {round} {:<14} {:>7.0} MiB/s {:>7.0} req/s",
+                t.name,
+                t.samples.mibs.last().unwrap(),
+                l.rps
+            );
+        }
+    }
+}
+
+fn table(title: &str, targets: &[Target]) {
+    println!("\n### {title}\n");
+    println!("| path | blob GET MiB/s | proxy CPU-s/GiB | TLS blob GET MiB/s | TLS CPU-s/GiB | manifest req/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let fmt = |v: &Vec<f64>, d: usize| {
+        if v.is_empty() {
+            "–".to_string()
+        } else {
+            format!("{:.*}", d, median(v.clone()))
+        }
+    };
+    for t in targets {
+        let s = &t.samples;
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            t.name,
+            fmt(&s.mibs, 0),
+            fmt(&s.cpu_per_gib, 2),
+            fmt(&s.tls_mibs, 0),
+            fmt(&s.tls_cpu_per_gib, 2),
+            fmt(&s.rps, 0),
+            fmt(&s.p50, 2),
+            fmt(&s.p99, 2)
+        );
+    }
+    let get = |name: &str| targets.iter().find(|t| t.name == name).map(|t| &t.samples);
+    let (Some(rg), Some(direct), Some(tuned), Some(front)) = (
+        get("regguard"),
+        get("direct"),
+        get("nginx tuned"),
+        get("nginx front"),
+    ) else {
+        return;
+    };
+    let ratio =
+        |a: &Vec<f64>, b: &Vec<f64>| format!("{:.2}", median(a.clone()) / median(b.clone()));
+    println!("\nRatios (regguard ÷ other, medians):\n");
+    println!("| measure | ÷ direct | ÷ nginx front | ÷ nginx tuned |");
+    println!("|---|---|---|---|");
+    println!(
+        "| blob GET throughput | {} | {} | {} |",
+        ratio(&rg.mibs, &direct.mibs),
+        ratio(&rg.mibs, &front.mibs),
+        ratio(&rg.mibs, &tuned.mibs)
+    );
+    println!(
+        "| CPU per GiB | – | {} | {} |",
+        ratio(&rg.cpu_per_gib, &front.cpu_per_gib),
+        ratio(&rg.cpu_per_gib, &tuned.cpu_per_gib)
+    );
+    println!(
+        "| TLS blob GET throughput | – | {} | {} |",
+        ratio(&rg.tls_mibs, &front.tls_mibs),
+        ratio(&rg.tls_mibs, &tuned.tls_mibs)
+    );
+    println!(
+        "| TLS CPU per GiB | – | {} | {} |",
+        ratio(&rg.tls_cpu_per_gib, &front.tls_cpu_per_gib),
+        ratio(&rg.tls_cpu_per_gib, &tuned.tls_cpu_per_gib)
+    );
+    println!(
+        "| manifest req/s | {} | {} | {} |",
+        ratio(&rg.rps, &direct.rps),
+        ratio(&rg.rps, &front.rps),
+        ratio(&rg.rps, &tuned.rps)
+    );
+    println!(
+        "| p99 added vs direct (ms) | {:.2} | | |",
+        median(rg.p99.clone()) - median(direct.p99.clone())
+    );
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = mem
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+        / 1024.0;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let nginx = std::process::Command::new("nginx")
+        .arg("-v")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .unwrap_or_default();
+    format!("{cores} vCPU ({model}), {mem_gib:.0} GiB, Linux {}, {nginx}, docker-registry 2.8.2, loopback", kernel.trim())
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` / criterion-style listing: nothing to list.
+    }
+    let rounds = env_num("BENCH_ROUNDS", 5);
+    let secs = env_num("BENCH_SECONDS", 3) as f64;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let upstream_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cert = TestCert::generate();
+    let connector = tls_connector(&cert.cert_der);
+
+    // Real registry with a 1 GiB blob, a 16 MiB blob and the multi-arch test image.
+    let reg = Registry::start();
+    let digest = pattern_digest(GIB);
+    let r = send(
+        "POST",
+        &format!("{}/v2/bench/app/blobs/uploads/", reg.url()),
+        &[],
+        Bytes::new(),
+    );
+    let loc = http::location_url(
+        &reg.url(),
+        r.header("location").unwrap(),
+        &format!("digest={digest}"),
+    );
+    assert_eq!(
+        send_body("PUT", &loc, &[], PatternBody::sized(GIB)).status,
+        201
+    );
+    let small = pattern_digest(STREAM_BLOB);
+    let r = send(
+        "POST",
+        &format!("{}/v2/bench/app/blobs/uploads/", reg.url()),
+        &[],
+        Bytes::new(),
+    );
+    let loc = http::location_url(
+        &reg.url(),
+        r.header("location").unwrap(),
+        &format!("digest={small}"),
+    );
+    assert_eq!(
+        send_body("PUT", &loc, &[], PatternBody::sized(STREAM_BLOB)).status,
+        201
+    );
+    let img = oci::multi_arch("bench");
+    oci::push_multi_arch(&reg.url(), "bench/app", "v1", &img, &[]);
+
+    let quiet = RegguardOptions {
+        args: vec!["--access-log".into(), "false".into()],
+        ..Default::default()
+    };
+    let tls_opts = RegguardOptions {
+        tls: Some((cert.cert_pem.clone(), cert.key_pem.clone())),
+        ..quiet.clone()
+    };
+    let tls_files = Some((cert.cert_pem.as_path(), cert.key_pem.as_path()));
+
+    let blob_path = format!("/v2/bench/app/blobs/{digest}");
+    let manifest_path = "/v2/bench/app/manifests/v1";
+    if std::env::var("BENCH_QUICK").is_ok() {
+        let rg = Regguard::start_with(&reg.url(), quiet.clone());
+        for _ in 0..3 {
+            let c0 = cpu_seconds(rg.proc.pid());
+            let (n, s) = rt.block_on(fetch(rg.public, None, &blob_path));
+            println!(
+                "quick: {:.0} MiB/s, {:.3} CPU-s/GiB",
+                n as f64 / 1048576.0 / s,
+                cpu_seconds(rg.proc.pid()) - c0
+            );
+        }
+        let small_path = format!("/v2/bench/app/blobs/{small}");
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for _ in 0..STREAMS {
+                let p = small_path.clone();
+                let addr = rg.public;
+                tasks.push(tokio::spawn(async move { fetch(addr, None, &p).await }));
+            }
+            for t in tasks {
+                assert_eq!(t.await.unwrap().0, STREAM_BLOB);
+            }
+        });
+        println!(
+            "quick: peak RSS {:.1} MiB",
+            rg.proc.peak_rss_kib() as f64 / 1024.0
+        );
+        for (name, addr) in [
+            ("direct", reg.addr),
+            ("regguard", rg.public),
+            ("direct", reg.addr),
+            ("regguard", rg.public),
+        ] {
+            let c0 = cpu_seconds(rg.proc.pid());
+            let l = rt.block_on(load(addr, manifest_path, secs));
+            println!(
+                "quick: {name} {:.0} req/s p50 {:.2} p99 {:.2} regguard cpu {:.2}s",
+                l.rps,
+                l.p50_ms,
+                l.p99_ms,
+                cpu_seconds(rg.proc.pid()) - c0
+            );
+        }
+        return;
+    }
+    {
+        let front = Nginx::start("front.conf", reg.addr);
+        let front_tls = Nginx::start_with("front.conf", reg.addr, tls_files);
+        let tuned = Nginx::start("front-tuned.conf", reg.addr);
+        let tuned_tls = Nginx::start_with("front-tuned.conf", reg.addr, tls_files);
+        let rg = Regguard::start_with(&reg.url(), quiet.clone());
+        let rg_tls = Regguard::start_with(&reg.url(), tls_opts.clone());
+        // One process measured per target: the plain and TLS instances are separate processes,
+        // so CPU is read from the plain one for plain runs; TLS runs read the TLS one below.
+        let mut targets = vec![
+            Target {
+                name: "direct",
+                plain: reg.addr,
+                tls: None,
+                pid: None,
+                samples: Samples::default(),
+            },
+            Target {
+                name: "nginx front",
+                plain: front.addr,
+                tls: None,
+                pid: Some(front.proc.pid()),
+                samples: Samples::default(),
+            },
+            Target {
+                name: "nginx tuned",
+                plain: tuned.addr,
+                tls: None,
+                pid: Some(tuned.proc.pid()),
+                samples: Samples::default(),
+            },
+            Target {
+                name: "regguard",
+                plain: rg.public,
+                tls: None,
+                pid: Some(rg.proc.pid()),
+                samples: Samples::default(),
+            },
+        ];
+        let mut tls_targets = [
+            Target {
+                name: "nginx front",
+                plain: front_tls.addr,
+                tls: Some(front_tls.addr),
+                pid: Some(front_tls.proc.pid()),
+                samples: Samples::default(),
+            },
+            Target {
+                name: "nginx tuned",
+                plain: tuned_tls.addr,
+                tls: Some(tuned_tls.addr),
+                pid: Some(tuned_tls.proc.pid()),
+                samples: Samples::default(),
+            },
+            Target {
+                name: "regguard",
+                plain: rg_tls.public,
+                tls: Some(rg_tls.public),
+                pid: Some(rg_tls.proc.pid()),
+                samples: Samples::default(),
+            },
+        ];
+        run_suite(
+            &rt,
+            &mut targets,
+            &connector,
+            &blob_path,
+            manifest_path,
+            rounds,
+            secs,
+        );
+        // TLS: only the blob throughput and CPU (plain fields of these targets are unused).
+        for _ in 0..rounds {
+            for t in tls_targets.iter_mut() {
+                let pid = t.pid.unwrap();
+                let c0 = cpu_seconds(pid);
+                let (n, s) = rt.block_on(fetch(t.tls.unwrap(), Some(&connector), &blob_path));
+                assert_eq!(n, GIB);
+                t.samples.tls_mibs.push(n as f64 / (1024.0 * 1024.0) / s);
+                t.samples
+                    .tls_cpu_per_gib
+                    .push((cpu_seconds(pid) - c0) / (n as f64 / GIB as f64));
+            }
+        }
+        for t in targets.iter_mut() {
+            if let Some(tt) = tls_targets.iter_mut().find(|x| x.name == t.name) {
+                t.samples.tls_mibs = std::mem::take(&mut tt.samples.tls_mibs);
+                t.samples.tls_cpu_per_gib = std::mem::take(&mut tt.samples.tls_cpu_per_gib);
+            }
+        }
+
+        // (d) 256 concurrent blob streams through regguard: peak RSS.
+        let small_path = format!("/v2/bench/app/blobs/{small}");
+        let before = rg.proc.peak_rss_kib();
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for _ in 0..STREAMS {
+                let p = small_path.clone();
+                let addr = rg.public;
+                tasks.push(tokio::spawn(async move { fetch(addr, None, &p).await }));
+            }
+            for t in tasks {
+                assert_eq!(t.await.unwrap().0, STREAM_BLOB);
+            }
+        });
+        let peak = rg.proc.peak_rss_kib();
+
+        println!("## regguard benchmark\n\nMachine: {}\n", machine());
+        println!("Rounds: {rounds} (medians), load runs of {secs} s at {MANIFEST_CONNECTIONS} connections; access logs off on all proxies.");
+        table(
+            "Real registry upstream (1 GiB blob; manifest GET by tag)",
+            &targets,
+        );
+        println!(
+            "\nregguard peak RSS: {:.1} MiB before, {:.1} MiB after {STREAMS} concurrent {} MiB blob streams.",
+            before as f64 / 1024.0,
+            peak as f64 / 1024.0,
+            STREAM_BLOB / 1024 / 1024
+        );
+    }
+
+    // (c) Minimal in-process upstream: the proxies' own ceiling.
+    let up = minimal_upstream(&upstream_rt, img.index.clone());
+    let tuned = Nginx::start("front-tuned.conf", up);
+    let tuned_tls = Nginx::start_with("front-tuned.conf", up, tls_files);
+    let rg = Regguard::start_with(&format!("http://{up}"), quiet);
+    let rg_tls = Regguard::start_with(&format!("http://{up}"), tls_opts);
+    let mut targets = vec![
+        Target {
+            name: "direct",
+            plain: up,
+            tls: None,
+            pid: None,
+            samples: Samples::default(),
+        },
+        Target {
+            name: "nginx tuned",
+            plain: tuned.addr,
+            tls: None,
+            pid: Some(tuned.proc.pid()),
+            samples: Samples::default(),
+        },
+        Target {
+            name: "regguard",
+            plain: rg.public,
+            tls: None,
+            pid: Some(rg.proc.pid()),
+            samples: Samples::default(),
+        },
+    ];
+    run_suite(
+        &rt,
+        &mut targets,
+        &connector,
+        "/v2/min/blobs/sha256:x",
+        manifest_path,
+        rounds,
+        secs,
+    );
+    for _ in 0..rounds {
+        for (name, addr, pid) in [
+            ("nginx tuned", tuned_tls.addr, tuned_tls.proc.pid()),
+            ("regguard", rg_tls.public, rg_tls.proc.pid()),
+        ] {
+            let c0 = cpu_seconds(pid);
+            let (n, s) = rt.block_on(fetch(addr, Some(&connector), "/v2/min/blobs/sha256:x"));
+            let t = targets.iter_mut().find(|t| t.name == name).unwrap();
+            t.samples.tls_mibs.push(n as f64 / (1024.0 * 1024.0) / s);
+            t.samples
+                .tls_cpu_per_gib
+                .push((cpu_seconds(pid) - c0) / (n as f64 / GIB as f64));
+        }
+    }
+    table(
+        "Minimal in-process upstream (proxies' own ceiling)",
+        &targets,
+    );
+}
