@@ -8,9 +8,11 @@
 
 pub mod admin;
 pub mod body;
+pub mod checker;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod oci;
 pub mod proxy;
 pub mod route;
 pub mod server;

@@ -1,0 +1,557 @@
+//! The checker: one answer to "is this reference present in this repository,
+//! with this size and digest?", shared by serve-time validation (and, later,
+//! the push gate, the scan and the CLI).
+//!
+//! It asks the upstream with `HEAD`, sending all four manifest types in
+//! `Accept` (registry 2.8 answers 404 for existing OCI content otherwise) and
+//! the credentials of whoever caused the question, so a check never sees more
+//! than that client could. What the upstream said is cached per
+//! (repository, digest, kind): presence is per repository. The cache stores
+//! facts, not verdicts, so the same entry answers descriptors of any size.
+//! Concurrent questions for one key share one upstream request.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use moka::future::Cache;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+use crate::body::UpstreamBody;
+use crate::config::Upstream;
+use crate::oci::{self, Descriptor, Manifest, ManifestKind, MAX_MANIFEST_BYTES};
+use crate::upstream::{user_agent, UpstreamClient};
+
+/// What kind of reference a descriptor is: a manifest (`/manifests/`) or a blob (`/blobs/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefKind {
+    Manifest,
+    Blob,
+}
+
+impl RefKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefKind::Manifest => "manifest",
+            RefKind::Blob => "blob",
+        }
+    }
+    fn path(self) -> &'static str {
+        match self {
+            RefKind::Manifest => "manifests",
+            RefKind::Blob => "blobs",
+        }
+    }
+}
+
+/// What the upstream said about a reference (cached).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    /// 2xx, with the size and digest it reported (size unknown on a redirect).
+    Found {
+        size: Option<u64>,
+        digest: Option<String>,
+    },
+    /// 404.
+    NotFound,
+    /// 401/403: this client may not see it. Never cached, never "broken".
+    Unauthorized(u16),
+    /// Anything else: 5xx, timeout, connection failure. Never cached.
+    Error(String),
+}
+
+/// The verdict on one descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Missing,
+    Mismatch {
+        what: &'static str,
+        expected: String,
+        found: String,
+    },
+    Unauthorized(u16),
+    Error(String),
+}
+
+impl Outcome {
+    /// The `result` label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Missing => "missing",
+            Outcome::Mismatch { .. } => "mismatch",
+            Outcome::Unauthorized(_) => "unauthorized",
+            Outcome::Error(_) => "error",
+        }
+    }
+
+    /// Missing or mismatched: a client pulling it would fail.
+    pub fn is_broken(&self) -> bool {
+        matches!(self, Outcome::Missing | Outcome::Mismatch { .. })
+    }
+
+    /// What the upstream said, in words for logs and `/integrity`.
+    pub fn describe(&self, kind: RefKind) -> String {
+        match self {
+            Outcome::Ok => "present".into(),
+            Outcome::Missing => format!(
+                "404 {}",
+                if kind == RefKind::Manifest {
+                    "MANIFEST_UNKNOWN"
+                } else {
+                    "BLOB_UNKNOWN"
+                }
+            ),
+            Outcome::Mismatch {
+                what,
+                expected,
+                found,
+            } => {
+                format!("{what} mismatch: descriptor says {expected}, registry says {found}")
+            }
+            Outcome::Unauthorized(s) => format!("{s} (not authorized)"),
+            Outcome::Error(e) => e.clone(),
+        }
+    }
+}
+
+/// Compares what the upstream said with what the descriptor promises.
+pub fn judge(presence: &Presence, desc: &Descriptor) -> Outcome {
+    match presence {
+        Presence::Found { size, digest } => {
+            if let Some(d) = digest {
+                if *d != desc.digest {
+                    return Outcome::Mismatch {
+                        what: "digest",
+                        expected: desc.digest.clone(),
+                        found: d.clone(),
+                    };
+                }
+            }
+            match size {
+                Some(s) if *s != desc.size => Outcome::Mismatch {
+                    what: "size",
+                    expected: desc.size.to_string(),
+                    found: s.to_string(),
+                },
+                _ => Outcome::Ok,
+            }
+        }
+        Presence::NotFound => Outcome::Missing,
+        Presence::Unauthorized(s) => Outcome::Unauthorized(*s),
+        Presence::Error(e) => Outcome::Error(e.clone()),
+    }
+}
+
+/// Why a manifest could not be fetched and read.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("upstream answered {0}")]
+    Status(u16),
+    #[error("not authorized ({0})")]
+    Unauthorized(u16),
+    #[error("{0}")]
+    Upstream(String),
+    #[error("body digest {found} does not match {expected}")]
+    DigestMismatch { expected: String, found: String },
+    #[error(transparent)]
+    Parse(#[from] oci::ParseError),
+}
+
+/// Cache lifetimes and limits.
+#[derive(Debug, Clone)]
+pub struct CheckerSettings {
+    pub ok_ttl: Duration,
+    pub missing_ttl: Duration,
+    pub check_timeout: Duration,
+    /// Bound of the parsed-manifest cache, in (approximate) bytes.
+    pub manifest_cache_bytes: u64,
+    /// Bound of the presence cache, in entries.
+    pub presence_entries: u64,
+}
+
+struct PresenceExpiry {
+    ok: Duration,
+    missing: Duration,
+}
+
+impl moka::Expiry<PresenceKey, Presence> for PresenceExpiry {
+    fn expire_after_create(
+        &self,
+        _: &PresenceKey,
+        value: &Presence,
+        _: Instant,
+    ) -> Option<Duration> {
+        Some(match value {
+            Presence::Found { .. } => self.ok,
+            Presence::NotFound => self.missing,
+            // Unauthorized depends on who asked; errors are transient: never reuse either.
+            Presence::Unauthorized(_) | Presence::Error(_) => Duration::ZERO,
+        })
+    }
+}
+
+type PresenceKey = (Arc<str>, Arc<str>, RefKind);
+
+struct CheckerMetrics {
+    checks: Vec<IntCounter>,
+    duration: Histogram,
+    hits: IntCounter,
+    misses: IntCounter,
+}
+
+const RESULTS: [&str; 5] = ["ok", "missing", "mismatch", "unauthorized", "error"];
+
+/// The shared checker.
+pub struct Checker {
+    client: UpstreamClient,
+    upstream: Upstream,
+    settings: CheckerSettings,
+    presence: Cache<PresenceKey, Presence>,
+    manifests: Cache<Arc<str>, Arc<Manifest>>,
+    metrics: CheckerMetrics,
+}
+
+impl Checker {
+    pub fn new(
+        client: UpstreamClient,
+        upstream: Upstream,
+        settings: CheckerSettings,
+        registry: &Registry,
+    ) -> Result<Self, prometheus::Error> {
+        let checks = IntCounterVec::new(
+            Opts::new(
+                "regguard_reference_checks_total",
+                "References checked, by kind (manifest, blob) and result (ok, missing, mismatch, unauthorized, error)",
+            ),
+            &["kind", "result"],
+        )?;
+        registry.register(Box::new(checks.clone()))?;
+        let mut handles = Vec::new();
+        for kind in [RefKind::Manifest, RefKind::Blob] {
+            for r in RESULTS {
+                handles.push(checks.get_metric_with_label_values(&[kind.as_str(), r])?);
+            }
+        }
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "regguard_check_duration_seconds",
+                "Upstream check requests (HEAD), duration",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        let hits = IntCounter::new(
+            "regguard_validation_cache_hits_total",
+            "Checks answered from the presence cache",
+        )?;
+        registry.register(Box::new(hits.clone()))?;
+        let misses = IntCounter::new(
+            "regguard_validation_cache_misses_total",
+            "Checks that asked the upstream",
+        )?;
+        registry.register(Box::new(misses.clone()))?;
+
+        let presence = Cache::builder()
+            .max_capacity(settings.presence_entries)
+            .expire_after(PresenceExpiry {
+                ok: settings.ok_ttl,
+                missing: settings.missing_ttl,
+            })
+            .build();
+        let manifests = Cache::builder()
+            .max_capacity(settings.manifest_cache_bytes)
+            .weigher(|_: &Arc<str>, m: &Arc<Manifest>| m.weight())
+            .build();
+        Ok(Checker {
+            client,
+            upstream,
+            settings,
+            presence,
+            manifests,
+            metrics: CheckerMetrics {
+                checks: handles,
+                duration,
+                hits,
+                misses,
+            },
+        })
+    }
+
+    /// Checks one descriptor in `repo`, from the cache when it can.
+    pub async fn check(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        kind: RefKind,
+        auth: Option<&HeaderValue>,
+    ) -> Outcome {
+        let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
+        let entry = self
+            .presence
+            .entry(key)
+            .or_insert_with(self.ask(repo, &desc.digest, kind, auth))
+            .await;
+        if entry.is_fresh() {
+            self.metrics.misses.inc();
+        } else {
+            self.metrics.hits.inc();
+        }
+        let outcome = judge(entry.value(), desc);
+        self.count(kind, &outcome);
+        outcome
+    }
+
+    /// Checks without trusting a cached negative answer (a reference may have just appeared).
+    pub async fn recheck(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        kind: RefKind,
+        auth: Option<&HeaderValue>,
+    ) -> Outcome {
+        let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
+        if let Some(p) = self.presence.get(&key).await {
+            if !matches!(p, Presence::Found { .. }) {
+                self.presence.invalidate(&key).await;
+            }
+        }
+        self.check(repo, desc, kind, auth).await
+    }
+
+    /// Records that a reference is present (e.g. a manifest just accepted), so it is not asked again.
+    pub async fn remember_present(&self, repo: &str, digest: &str, size: u64, kind: RefKind) {
+        let key: PresenceKey = (Arc::from(repo), Arc::from(digest), kind);
+        self.presence
+            .insert(
+                key,
+                Presence::Found {
+                    size: Some(size),
+                    digest: Some(digest.to_string()),
+                },
+            )
+            .await;
+    }
+
+    fn count(&self, kind: RefKind, outcome: &Outcome) {
+        let k = match kind {
+            RefKind::Manifest => 0,
+            RefKind::Blob => 1,
+        };
+        let r = RESULTS
+            .iter()
+            .position(|r| *r == outcome.label())
+            .unwrap_or(4);
+        if let Some(c) = self.metrics.checks.get(k * RESULTS.len() + r) {
+            c.inc();
+        }
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        repo: &str,
+        kind: RefKind,
+        digest: &str,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Request<UpstreamBody>, String> {
+        let uri = self
+            .upstream
+            .uri_for(&format!("/v2/{repo}/{}/{digest}", kind.path()))
+            .map_err(|e| format!("bad reference: {e}"))?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, self.upstream.host_header.clone())
+            .header(header::USER_AGENT, user_agent())
+            .header(header::ACCEPT, oci::accept_all())
+            .body(UpstreamBody::empty())
+            .map_err(|e| e.to_string())?;
+        if let Some(a) = auth {
+            req.headers_mut().insert(header::AUTHORIZATION, a.clone());
+        }
+        Ok(req)
+    }
+
+    /// One upstream HEAD.
+    async fn ask(
+        &self,
+        repo: &str,
+        digest: &str,
+        kind: RefKind,
+        auth: Option<&HeaderValue>,
+    ) -> Presence {
+        let req = match self.request(Method::HEAD, repo, kind, digest, auth) {
+            Ok(r) => r,
+            Err(e) => return Presence::Error(e),
+        };
+        let started = Instant::now();
+        let sent =
+            tokio::time::timeout(self.settings.check_timeout, self.client.request(req)).await;
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        let resp = match sent {
+            Err(_) => {
+                return Presence::Error(format!(
+                    "no answer within {:?}",
+                    self.settings.check_timeout
+                ))
+            }
+            Ok(Err(e)) => return Presence::Error(format!("upstream unreachable: {e}")),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        let header_str = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        if status.is_success() {
+            Presence::Found {
+                size: header_str("content-length").and_then(|v| v.parse().ok()),
+                digest: header_str("docker-content-digest"),
+            }
+        } else if status.is_redirection() && kind == RefKind::Blob {
+            // Storage backends redirect blob reads to their own URLs: present, size unknown here.
+            Presence::Found {
+                size: None,
+                digest: None,
+            }
+        } else if status == StatusCode::NOT_FOUND {
+            Presence::NotFound
+        } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            Presence::Unauthorized(status.as_u16())
+        } else {
+            Presence::Error(format!("upstream answered {status}"))
+        }
+    }
+
+    /// A manifest by digest, parsed: from the content cache, else fetched, verified and cached.
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        digest: &str,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Arc<Manifest>, FetchError> {
+        if let Some(m) = self.manifests.get(digest).await {
+            return Ok(m);
+        }
+        let req = self
+            .request(Method::GET, repo, RefKind::Manifest, digest, auth)
+            .map_err(FetchError::Upstream)?;
+        let resp = tokio::time::timeout(self.settings.check_timeout, self.client.request(req))
+            .await
+            .map_err(|_| {
+                FetchError::Upstream(format!(
+                    "no answer within {:?}",
+                    self.settings.check_timeout
+                ))
+            })?
+            .map_err(|e| FetchError::Upstream(format!("upstream unreachable: {e}")))?;
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(FetchError::Unauthorized(status.as_u16()));
+        }
+        if !status.is_success() {
+            return Err(FetchError::Status(status.as_u16()));
+        }
+        let hint = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(oci::manifest_kind);
+        let body = tokio::time::timeout(
+            self.settings.check_timeout,
+            Limited::new(resp.into_body(), MAX_MANIFEST_BYTES).collect(),
+        )
+        .await
+        .map_err(|_| FetchError::Upstream("manifest body too slow".into()))?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                FetchError::Parse(oci::ParseError::TooLarge)
+            } else {
+                FetchError::Upstream(format!("reading manifest: {e}"))
+            }
+        })?
+        .to_bytes();
+        self.verified(digest, &body, hint).await
+    }
+
+    /// Parses manifest bytes whose digest must be `digest`, and caches the result.
+    pub async fn verified(
+        &self,
+        digest: &str,
+        body: &Bytes,
+        hint: Option<ManifestKind>,
+    ) -> Result<Arc<Manifest>, FetchError> {
+        let found = oci::sha256_digest(body);
+        if found != digest {
+            return Err(FetchError::DigestMismatch {
+                expected: digest.to_string(),
+                found,
+            });
+        }
+        if let Some(m) = self.manifests.get(digest).await {
+            return Ok(m);
+        }
+        let parsed = Arc::new(Manifest::parse(body, hint)?);
+        self.manifests
+            .insert(Arc::from(digest), parsed.clone())
+            .await;
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(size: u64) -> Descriptor {
+        Descriptor {
+            media_type: oci::OCI_MANIFEST.into(),
+            digest: oci::sha256_digest(b"x"),
+            size,
+            platform: None,
+            urls: vec![],
+        }
+    }
+
+    #[test]
+    fn judging_compares_size_and_digest_with_the_descriptor() {
+        let d = desc(5);
+        let found = |size, digest: &str| Presence::Found {
+            size: Some(size),
+            digest: Some(digest.into()),
+        };
+        assert_eq!(judge(&found(5, &d.digest), &d), Outcome::Ok);
+        assert!(matches!(
+            judge(&found(6, &d.digest), &d),
+            Outcome::Mismatch { what: "size", .. }
+        ));
+        assert!(matches!(
+            judge(&found(5, "sha256:00"), &d),
+            Outcome::Mismatch { what: "digest", .. }
+        ));
+        assert_eq!(judge(&Presence::NotFound, &d), Outcome::Missing);
+        assert!(!judge(&Presence::Unauthorized(401), &d).is_broken());
+        assert!(!judge(&Presence::Error("x".into()), &d).is_broken());
+        assert_eq!(
+            judge(
+                &Presence::Found {
+                    size: None,
+                    digest: None
+                },
+                &d
+            ),
+            Outcome::Ok
+        );
+    }
+}
