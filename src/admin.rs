@@ -25,6 +25,7 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub client: UpstreamClient,
     pub upstream: Upstream,
+    pub integrity: Arc<crate::integrity::Integrity>,
 }
 
 impl Admin {
@@ -46,6 +47,16 @@ impl Admin {
                 resp
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/integrity" => {
+                let broken = self.integrity.snapshot();
+                let body = serde_json::json!({ "broken": broken, "count": broken.len() });
+                let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
             "/readyz" => match self.probe_upstream().await {
                 Ok(status) => text(
                     StatusCode::OK,
@@ -58,7 +69,7 @@ impl Admin {
             },
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz or /readyz\n",
+                "not found: try /metrics, /healthz, /readyz or /integrity\n",
             ),
         })
     }

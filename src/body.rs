@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::proxy::Exchange;
+use crate::validate::{Job, Validator};
 
 /// The error type bodies carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -211,15 +212,73 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// Copies a manifest response aside as it streams to the client, then hands it
+/// to validation. Frames are `Bytes` clones (reference counts, no copy) until
+/// the end; nothing is held back from the client. Over the manifest cap, or if
+/// the client leaves early, the job goes without a body (the worker fetches it).
+pub struct Tap {
+    parts: Vec<Bytes>,
+    len: usize,
+    overflow: bool,
+    job: Option<Job>,
+    validator: Arc<Validator>,
+}
+
+impl Tap {
+    pub fn new(job: Job, validator: Arc<Validator>) -> Self {
+        Tap {
+            parts: Vec::new(),
+            len: 0,
+            overflow: false,
+            job: Some(job),
+            validator,
+        }
+    }
+
+    fn push(&mut self, data: &Bytes) {
+        if self.overflow {
+            return;
+        }
+        self.len += data.len();
+        if self.len > crate::oci::MAX_MANIFEST_BYTES {
+            self.overflow = true;
+            self.parts = Vec::new();
+        } else {
+            self.parts.push(data.clone());
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        let Some(mut job) = self.job.take() else {
+            return;
+        };
+        if complete && !self.overflow {
+            let mut body = bytes::BytesMut::with_capacity(self.len);
+            for p in self.parts.drain(..) {
+                body.extend_from_slice(&p);
+            }
+            job.body = Some(body.freeze());
+        }
+        self.validator.submit(job);
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
 pin_project_lite::pin_project! {
     /// The body of a response to a client: the upstream's, streamed, or regguard's own.
     ///
     /// It carries the exchange's log record; when the body is finished or dropped
-    /// (client gone), the record is written.
+    /// (client gone), the record is written. A manifest response may carry a [`Tap`].
     pub struct ResponseBody {
         #[pin]
         kind: ResponseKind,
         exchange: Option<Exchange>,
+        tap: Option<Tap>,
     }
 }
 
@@ -229,6 +288,7 @@ impl ResponseBody {
         ResponseBody {
             kind: ResponseKind::Full { data: Some(data) },
             exchange: None,
+            tap: None,
         }
     }
 
@@ -237,7 +297,13 @@ impl ResponseBody {
         ResponseBody {
             kind: ResponseKind::Upstream { body },
             exchange: None,
+            tap: None,
         }
+    }
+
+    /// Copies this (manifest) body aside for validation as it streams.
+    pub fn tap(&mut self, tap: Tap) {
+        self.tap = Some(tap);
     }
 
     /// Hands the exchange record to the body, to be finished when the body is.
@@ -263,7 +329,25 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.kind.project() {
-            ResponseKindProj::Upstream { body } => body.poll_frame(cx),
+            ResponseKindProj::Upstream { mut body } => {
+                let polled = body.as_mut().poll_frame(cx);
+                if let Some(tap) = this.tap.as_mut() {
+                    match &polled {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Some(d) = frame.data_ref() {
+                                tap.push(d);
+                            }
+                            if body.is_end_stream() {
+                                tap.finish(true);
+                            }
+                        }
+                        Poll::Ready(None) => tap.finish(true),
+                        Poll::Ready(Some(Err(_))) => tap.finish(false),
+                        Poll::Pending => {}
+                    }
+                }
+                polled
+            }
             ResponseKindProj::Full { data } => {
                 if let (Some(ex), Some(d)) = (this.exchange.as_ref(), data.as_ref()) {
                     ex.tally()

@@ -325,6 +325,17 @@ impl Checker {
         self.check(repo, desc, kind, auth).await
     }
 
+    /// Asks the upstream directly (no cache, not counted): is `digest` there at all?
+    pub async fn present(
+        &self,
+        repo: &str,
+        digest: &str,
+        kind: RefKind,
+        auth: Option<&HeaderValue>,
+    ) -> Presence {
+        self.ask(repo, digest, kind, auth).await
+    }
+
     /// Records that a reference is present (e.g. a manifest just accepted), so it is not asked again.
     pub async fn remember_present(&self, repo: &str, digest: &str, size: u64, kind: RefKind) {
         let key: PresenceKey = (Arc::from(repo), Arc::from(digest), kind);

@@ -25,6 +25,13 @@ pub mod defaults {
     pub const HEADER_READ_TIMEOUT: &str = "60s";
     pub const CONNECT_TIMEOUT: &str = "10s";
     pub const DRAIN_TIMEOUT: &str = "120s";
+    pub const VALIDATE_OK_TTL: &str = "5m";
+    pub const VALIDATE_MISSING_TTL: &str = "30s";
+    pub const VALIDATE_CHECK_TIMEOUT: &str = "10s";
+    pub const VALIDATE_QUEUE_CAPACITY: usize = 1024;
+    pub const VALIDATE_WORKERS: usize = 4;
+    pub const VALIDATE_MAX_DEPTH: u32 = 4;
+    pub const MAX_BROKEN_SERIES: usize = 500;
 }
 
 /// A configuration problem, naming the key it is about.
@@ -124,6 +131,32 @@ struct FileConfig {
     connect_timeout: Option<DurationValue>,
     drain_timeout: Option<DurationValue>,
     access_log: Option<bool>,
+    #[serde(default)]
+    validate: ValidateFile,
+    #[serde(default)]
+    metrics: MetricsFile,
+}
+
+/// `[validate]`: serve-time index validation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ValidateFile {
+    enabled: Option<bool>,
+    blobs: Option<bool>,
+    ok_ttl: Option<DurationValue>,
+    missing_ttl: Option<DurationValue>,
+    queue_capacity: Option<usize>,
+    workers: Option<usize>,
+    max_depth: Option<u32>,
+    check_timeout: Option<DurationValue>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    instance: Option<String>,
+    max_broken_series: Option<usize>,
 }
 
 /// A duration in the file: `"900s"`, `"15m"`, or a number of seconds.
@@ -212,6 +245,72 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub access_log: bool,
+    pub validate: ValidateSettings,
+    pub metrics: MetricsSettings,
+}
+
+/// Validated `[validate]` settings.
+#[derive(Debug, Clone)]
+pub struct ValidateSettings {
+    /// Validate every index served (default true).
+    pub enabled: bool,
+    /// Also check image manifests' config and layer blobs (default true).
+    pub blobs: bool,
+    /// How long a present reference is trusted (default 5m).
+    pub ok_ttl: Duration,
+    /// How long a missing reference is trusted, and how often broken ones are re-checked (default 30s).
+    pub missing_ttl: Duration,
+    /// Validation jobs waiting at most; more are dropped and counted (default 1024).
+    pub queue_capacity: usize,
+    /// Validation jobs running at once (default 4).
+    pub workers: usize,
+    /// Nesting depth of indexes followed (default 4).
+    pub max_depth: u32,
+    /// Longest wait for one upstream check (default 10s).
+    pub check_timeout: Duration,
+}
+
+/// Validated `[metrics]` settings.
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    /// The `instance` label of the probe-compatible gauges (default: the host name).
+    pub instance: String,
+    /// At most this many `regguard_broken_reference_info` series (default 500).
+    pub max_broken_series: usize,
+}
+
+/// `REGGUARD_<SECTION>_<KEY>` from the environment, for keys that have no flag.
+fn section_env(section: &str, key: &str) -> Option<String> {
+    std::env::var(format!("REGGUARD_{section}_{key}").to_uppercase()).ok()
+}
+
+fn parse_env<T: std::str::FromStr>(
+    key: &'static str,
+    section: &str,
+    name: &str,
+) -> Result<Option<T>, ConfigError> {
+    match section_env(section, name) {
+        None => Ok(None),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| {
+            invalid(
+                key,
+                format!(
+                    "REGGUARD_{}_{}=`{v}` is not valid",
+                    section.to_uppercase(),
+                    name.to_uppercase()
+                ),
+            )
+        }),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "regguard".to_string())
 }
 
 impl Settings {
@@ -269,7 +368,71 @@ impl Settings {
                 return Err(invalid("tls_cert", "tls_key is set but tls_cert is not"))
             }
         };
+        let v = file.validate;
+        let env_duration =
+            |key: &'static str, name: &str, file: Option<DurationValue>, default: &str| {
+                duration(key, section_env("validate", name), file, default)
+            };
+        let validate = ValidateSettings {
+            enabled: parse_env("validate.enabled", "validate", "enabled")?
+                .or(v.enabled)
+                .unwrap_or(true),
+            blobs: parse_env("validate.blobs", "validate", "blobs")?
+                .or(v.blobs)
+                .unwrap_or(true),
+            ok_ttl: env_duration(
+                "validate.ok_ttl",
+                "ok_ttl",
+                v.ok_ttl,
+                defaults::VALIDATE_OK_TTL,
+            )?,
+            missing_ttl: env_duration(
+                "validate.missing_ttl",
+                "missing_ttl",
+                v.missing_ttl,
+                defaults::VALIDATE_MISSING_TTL,
+            )?,
+            queue_capacity: parse_env("validate.queue_capacity", "validate", "queue_capacity")?
+                .or(v.queue_capacity)
+                .unwrap_or(defaults::VALIDATE_QUEUE_CAPACITY),
+            workers: parse_env("validate.workers", "validate", "workers")?
+                .or(v.workers)
+                .unwrap_or(defaults::VALIDATE_WORKERS),
+            max_depth: parse_env("validate.max_depth", "validate", "max_depth")?
+                .or(v.max_depth)
+                .unwrap_or(defaults::VALIDATE_MAX_DEPTH),
+            check_timeout: env_duration(
+                "validate.check_timeout",
+                "check_timeout",
+                v.check_timeout,
+                defaults::VALIDATE_CHECK_TIMEOUT,
+            )?,
+        };
+        if validate.queue_capacity == 0 {
+            return Err(invalid("validate.queue_capacity", "must be at least 1"));
+        }
+        if validate.workers == 0 {
+            return Err(invalid("validate.workers", "must be at least 1"));
+        }
+        if validate.max_depth == 0 {
+            return Err(invalid("validate.max_depth", "must be at least 1"));
+        }
+        let m = file.metrics;
+        let metrics = MetricsSettings {
+            instance: section_env("metrics", "instance")
+                .or(m.instance)
+                .unwrap_or_else(host_name),
+            max_broken_series: parse_env(
+                "metrics.max_broken_series",
+                "metrics",
+                "max_broken_series",
+            )?
+            .or(m.max_broken_series)
+            .unwrap_or(defaults::MAX_BROKEN_SERIES),
+        };
         let settings = Settings {
+            validate,
+            metrics,
             listen: parse_addr("listen", &listen)?,
             upstream: Upstream::parse(&upstream)?,
             admin_listen: parse_addr("admin_listen", &admin_listen)?,
@@ -369,6 +532,29 @@ mod tests {
         assert_eq!(s.listen.port(), 7001);
         assert_eq!(s.upstream.authority.as_str(), "reg:5000");
         assert_eq!(s.idle_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn validate_section_defaults_and_overrides() {
+        let s = Settings::from_toml("").unwrap();
+        assert!(s.validate.enabled && s.validate.blobs);
+        assert_eq!(s.validate.ok_ttl, Duration::from_secs(300));
+        assert_eq!(s.validate.missing_ttl, Duration::from_secs(30));
+        assert_eq!(s.validate.max_depth, 4);
+        assert_eq!(s.metrics.max_broken_series, 500);
+        let s = Settings::from_toml("[validate]\nenabled = false\nmissing_ttl = \"2s\"\nworkers = 9\n[metrics]\ninstance = \"a\"\n").unwrap();
+        assert!(!s.validate.enabled);
+        assert_eq!(s.validate.missing_ttl, Duration::from_secs(2));
+        assert_eq!(s.validate.workers, 9);
+        assert_eq!(s.metrics.instance, "a");
+        let err = Settings::from_toml("[validate]\nworkers = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("`validate.workers`"), "{err}");
+        let err = Settings::from_toml("[validate]\nwokers = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wokers"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod body;
 pub mod checker;
 pub mod config;
 pub mod error;
+pub mod integrity;
 pub mod metrics;
 pub mod oci;
 pub mod proxy;
@@ -18,6 +19,7 @@ pub mod route;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod validate;
 
 /// The version string reported by `--version`, `/metrics` and the upstream User-Agent.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -23,12 +23,16 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::body::Tap;
 use crate::body::{Direction, Metered, ResponseBody, Tally, UpstreamBody};
+use crate::checker::RefKind;
 use crate::config::Upstream;
 use crate::error::ForwardError;
 use crate::metrics::{method_index, Metrics};
+use crate::oci::{self, ManifestKind};
 use crate::route::{self, RouteKind};
 use crate::upstream::{BulkPermit, Pools};
+use crate::validate::{Job, Validator};
 
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +49,24 @@ pub struct Proxy {
     idle_timeout: Duration,
     access_log: bool,
     connect_timeout: Duration,
+    validation: Option<Validation>,
+}
+
+/// Serve-time validation, as the forwarding path sees it: where to hand jobs.
+#[derive(Clone)]
+pub struct Validation {
+    pub validator: Arc<Validator>,
+    /// Also validate image manifests (their config and layers), not only indexes.
+    pub blobs: bool,
+}
+
+/// What the response tap needs to know about a manifest or blob read.
+struct ReadCtx {
+    kind: RefKind,
+    repository: String,
+    reference: String,
+    auth: Option<HeaderValue>,
+    head: bool,
 }
 
 impl Proxy {
@@ -55,6 +77,7 @@ impl Proxy {
         idle_timeout: Duration,
         access_log: bool,
         connect_timeout: Duration,
+        validation: Option<Validation>,
     ) -> Self {
         Proxy {
             upstream,
@@ -63,6 +86,7 @@ impl Proxy {
             idle_timeout,
             access_log,
             connect_timeout,
+            validation,
         }
     }
 
@@ -85,13 +109,19 @@ impl Proxy {
             _bulk: None,
         };
 
+        let read = self.read_ctx(&req, &route);
         let mut response = if route_kind == RouteKind::Root
             && matches!(*req.method(), Method::GET | Method::HEAD)
         {
             liveness()
         } else {
             match self.forward(req, conn, &mut exchange).await {
-                Ok(resp) => resp,
+                Ok(mut resp) => {
+                    if let Some(read) = read {
+                        self.tap_response(read, &mut resp);
+                    }
+                    resp
+                }
                 Err(e) => {
                     self.metrics.upstream_error(e.kind());
                     exchange.error = Some(e.kind());
@@ -172,6 +202,72 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// For GET/HEAD of a manifest or blob with validation on: what the tap will need.
+    fn read_ctx(&self, req: &Request<Incoming>, route: &route::Route<'_>) -> Option<ReadCtx> {
+        self.validation.as_ref()?;
+        let kind = match route.kind {
+            RouteKind::Manifest => RefKind::Manifest,
+            RouteKind::Blob => RefKind::Blob,
+            _ => return None,
+        };
+        let head = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return None,
+        };
+        Some(ReadCtx {
+            kind,
+            repository: route.repository?.to_owned(),
+            reference: route.reference?.to_owned(),
+            auth: req.headers().get(header::AUTHORIZATION).cloned(),
+            head,
+        })
+    }
+
+    /// Phase 4½: hand a served manifest to validation; count 404s by digest.
+    /// Never delays the response: a HEAD's job is queued now, a GET's body is copied as it streams.
+    fn tap_response(&self, read: ReadCtx, resp: &mut Response<ResponseBody>) {
+        let Some(v) = &self.validation else { return };
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND && oci::is_sha256_digest(&read.reference) {
+            v.validator
+                .client_not_found(read.kind, &read.repository, &read.reference);
+            return;
+        }
+        if status != StatusCode::OK || read.kind != RefKind::Manifest {
+            return;
+        }
+        let kind = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|ct| ct.to_str().ok())
+            .and_then(oci::manifest_kind);
+        match kind {
+            Some(ManifestKind::Index) => {}
+            Some(ManifestKind::Image) if v.blobs => {}
+            _ => return,
+        }
+        let job = Job {
+            digest: resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|d| d.to_str().ok())
+                .filter(|d| oci::is_sha256_digest(d))
+                .map(str::to_owned),
+            repository: read.repository,
+            reference: read.reference,
+            body: None,
+            kind: kind.unwrap_or(ManifestKind::Index),
+            auth: read.auth,
+            seen_at: Instant::now().into_std(),
+        };
+        if read.head {
+            v.validator.submit(job);
+        } else {
+            resp.body_mut().tap(Tap::new(job, v.validator.clone()));
+        }
+    }
+
     fn classify_client_error(
         &self,
         e: &hyper_util::client::legacy::Error,

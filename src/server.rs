@@ -38,6 +38,11 @@ const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 const H2_MAX_STREAMS: u32 = 256;
 
+/// Parsed manifests kept by digest (content never changes); ~64 MiB of parsed form.
+const MANIFEST_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Presence answers kept per (repository, digest); an entry is ~200 bytes.
+const PRESENCE_CACHE_ENTRIES: u64 = 200_000;
+
 /// Why `serve` could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -90,6 +95,37 @@ pub async fn serve(
     );
     on_bound(bound);
 
+    let checker = Arc::new(crate::checker::Checker::new(
+        pools.lean().clone(),
+        settings.upstream.clone(),
+        crate::checker::CheckerSettings {
+            ok_ttl: settings.validate.ok_ttl,
+            missing_ttl: settings.validate.missing_ttl,
+            check_timeout: settings.validate.check_timeout,
+            manifest_cache_bytes: MANIFEST_CACHE_BYTES,
+            presence_entries: PRESENCE_CACHE_ENTRIES,
+        },
+        metrics.registry(),
+    )?);
+    let integrity = Arc::new(crate::integrity::Integrity::new(
+        metrics.registry(),
+        &settings.metrics.instance,
+        settings.metrics.max_broken_series,
+    )?);
+    let validation = if settings.validate.enabled {
+        Some(crate::proxy::Validation {
+            validator: crate::validate::Validator::start(
+                settings.validate.clone(),
+                checker.clone(),
+                integrity.clone(),
+                metrics.registry(),
+            )?,
+            blobs: settings.validate.blobs,
+        })
+    } else {
+        None
+    };
+
     let proxy = Arc::new(Proxy::new(
         settings.upstream.clone(),
         pools.clone(),
@@ -97,11 +133,13 @@ pub async fn serve(
         settings.idle_timeout,
         settings.access_log,
         settings.connect_timeout,
+        validation,
     ));
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         client: pools.lean().clone(),
         upstream: settings.upstream.clone(),
+        integrity,
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -29,7 +29,7 @@ pub fn rt() -> &'static tokio::runtime::Runtime {
     })
 }
 
-fn client() -> &'static Client<HttpConnector, BoxBody> {
+pub fn client() -> &'static Client<HttpConnector, BoxBody> {
     static C: OnceLock<Client<HttpConnector, BoxBody>> = OnceLock::new();
     C.get_or_init(|| {
         let _guard = rt().enter();

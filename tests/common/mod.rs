@@ -5,6 +5,7 @@
 //! Debian package to install; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod fake;
 pub mod http;
 pub mod oci;
 

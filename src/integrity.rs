@@ -1,0 +1,266 @@
+//! Integrity state: what is broken right now.
+//!
+//! One entry per (repository, index digest, child digest) known broken, from
+//! any caller. Entries leave when a re-check finds the reference again or the
+//! index itself is gone. The state is exported three ways: the cron probe's
+//! gauge `registry_manifest_integrity_failures{instance}`, one
+//! `regguard_broken_reference_info` series per entry (bounded), and `/integrity`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use http::HeaderValue;
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use serde::Serialize;
+
+use crate::checker::RefKind;
+
+/// One broken reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct BrokenRef {
+    pub repository: String,
+    /// The tag or digest the client asked for when this was found.
+    pub reference: String,
+    pub index_digest: String,
+    pub child_digest: String,
+    /// Platform of the child (or of the child image a blob belongs to); empty if none.
+    pub platform: String,
+    pub kind: RefKind,
+    /// What the upstream said.
+    pub upstream_said: String,
+    /// Seconds since the Unix epoch when first seen broken.
+    pub since: u64,
+    /// Credentials of the client whose request found it, for re-checks. Never serialised or logged.
+    #[serde(skip)]
+    pub auth: Option<HeaderValue>,
+    /// The descriptor's size, for re-checks.
+    #[serde(skip)]
+    pub size: u64,
+}
+
+type Key = (String, String, String);
+
+struct Inner {
+    entries: HashMap<Key, BrokenRef>,
+}
+
+/// The state and its metrics.
+pub struct Integrity {
+    inner: Mutex<Inner>,
+    failures: IntGauge,
+    info: IntGaugeVec,
+    overflow: IntCounter,
+    max_series: usize,
+}
+
+const INFO_LABELS: [&str; 6] = [
+    "repository",
+    "reference",
+    "index_digest",
+    "child_digest",
+    "platform",
+    "kind",
+];
+
+fn info_values(b: &BrokenRef) -> [&str; 6] {
+    [
+        &b.repository,
+        &b.reference,
+        &b.index_digest,
+        &b.child_digest,
+        &b.platform,
+        b.kind.as_str(),
+    ]
+}
+
+impl Integrity {
+    pub fn new(
+        registry: &Registry,
+        instance: &str,
+        max_series: usize,
+    ) -> Result<Self, prometheus::Error> {
+        let failures = IntGaugeVec::new(
+            Opts::new(
+                "registry_manifest_integrity_failures",
+                "References (repository, index, child) currently known broken; same meaning as the cron probe's gauge",
+            ),
+            &["instance"],
+        )?;
+        registry.register(Box::new(failures.clone()))?;
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "regguard_broken_reference_info",
+                "1 for each reference currently known broken",
+            ),
+            &INFO_LABELS,
+        )?;
+        registry.register(Box::new(info.clone()))?;
+        let overflow = IntCounter::new(
+            "regguard_broken_reference_overflow_total",
+            "Broken references not exported as an info series because metrics.max_broken_series was reached",
+        )?;
+        registry.register(Box::new(overflow.clone()))?;
+        Ok(Integrity {
+            inner: Mutex::new(Inner {
+                entries: HashMap::new(),
+            }),
+            failures: failures.get_metric_with_label_values(&[instance])?,
+            info,
+            overflow,
+            max_series,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic elsewhere; the map itself is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a broken reference. Returns true when it was not known before.
+    pub fn report_broken(&self, b: BrokenRef) -> bool {
+        let key = (
+            b.repository.clone(),
+            b.index_digest.clone(),
+            b.child_digest.clone(),
+        );
+        let mut inner = self.lock();
+        if let Some(existing) = inner.entries.get_mut(&key) {
+            existing.upstream_said = b.upstream_said;
+            if b.auth.is_some() {
+                existing.auth = b.auth;
+            }
+            return false;
+        }
+        tracing::warn!(
+            repository = %b.repository,
+            reference = %b.reference,
+            index_digest = %b.index_digest,
+            child_digest = %b.child_digest,
+            platform = %b.platform,
+            kind = b.kind.as_str(),
+            upstream_said = %b.upstream_said,
+            "broken reference: a client pulling this image will fail"
+        );
+        if inner.entries.len() < self.max_series {
+            self.info.with_label_values(&info_values(&b)).set(1);
+        } else {
+            self.overflow.inc();
+        }
+        inner.entries.insert(key, b);
+        self.failures.set(inner.entries.len() as i64);
+        true
+    }
+
+    /// Records that a reference is present again; removes it if it was broken.
+    pub fn report_ok(&self, repository: &str, index_digest: &str, child_digest: &str) {
+        let key = (
+            repository.to_string(),
+            index_digest.to_string(),
+            child_digest.to_string(),
+        );
+        let mut inner = self.lock();
+        if let Some(b) = inner.entries.remove(&key) {
+            self.forget(&b, "healed: the reference is present again");
+            self.failures.set(inner.entries.len() as i64);
+        }
+    }
+
+    /// Removes every entry of an index that no longer exists.
+    pub fn remove_index(&self, repository: &str, index_digest: &str) {
+        let mut inner = self.lock();
+        let gone: Vec<Key> = inner
+            .entries
+            .keys()
+            .filter(|(r, i, _)| r == repository && i == index_digest)
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(b) = inner.entries.remove(&key) {
+                self.forget(&b, "cleared: the index itself is gone");
+            }
+        }
+        self.failures.set(inner.entries.len() as i64);
+    }
+
+    fn forget(&self, b: &BrokenRef, why: &str) {
+        // Removing a series that was never exported (overflow) is a harmless error.
+        let _ = self.info.remove_label_values(&info_values(b));
+        tracing::warn!(
+            repository = %b.repository,
+            index_digest = %b.index_digest,
+            child_digest = %b.child_digest,
+            platform = %b.platform,
+            kind = b.kind.as_str(),
+            "{why}"
+        );
+    }
+
+    /// Every broken reference, for `/integrity` and re-checks.
+    pub fn snapshot(&self) -> Vec<BrokenRef> {
+        let mut v: Vec<BrokenRef> = self.lock().entries.values().cloned().collect();
+        v.sort_by(|a, b| {
+            (&a.repository, &a.index_digest, &a.child_digest).cmp(&(
+                &b.repository,
+                &b.index_digest,
+                &b.child_digest,
+            ))
+        });
+        v
+    }
+
+    /// Number of broken references.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broken(child: &str) -> BrokenRef {
+        BrokenRef {
+            repository: "r".into(),
+            reference: "v1".into(),
+            index_digest: "sha256:i".into(),
+            child_digest: child.into(),
+            platform: "linux/amd64".into(),
+            kind: RefKind::Manifest,
+            upstream_said: "404".into(),
+            since: 0,
+            auth: None,
+            size: 1,
+        }
+    }
+
+    #[test]
+    fn gauge_counts_entries_once_and_heals() {
+        let reg = Registry::new();
+        let s = Integrity::new(&reg, "test", 1).unwrap();
+        assert!(s.report_broken(broken("sha256:a")));
+        assert!(
+            !s.report_broken(broken("sha256:a")),
+            "same reference is not counted twice"
+        );
+        assert!(s.report_broken(broken("sha256:b")));
+        assert_eq!(s.failures.get(), 2);
+        assert_eq!(s.overflow.get(), 1, "only one info series allowed");
+        s.report_ok("r", "sha256:i", "sha256:a");
+        assert_eq!(s.failures.get(), 1);
+        s.remove_index("r", "sha256:i");
+        assert_eq!(s.failures.get(), 0);
+        assert!(s.is_empty());
+    }
+}

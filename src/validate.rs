@@ -1,0 +1,468 @@
+//! Serve-time validation: every index (and image manifest) a client is served
+//! is checked in the background against what it references.
+//!
+//! The forwarding path only hands over a [`Job`] through a bounded queue
+//! ([`Validator::submit`] never waits: when the queue is full the job is dropped
+//! and counted). Workers resolve the manifest (the bytes the client got, if
+//! complete and matching `Docker-Content-Digest`, else fetched by digest), ask
+//! the shared [`Checker`] about every child (and, with `blobs`, every child
+//! image's config and layers), and record what is broken in [`Integrity`].
+//! A re-check loop revisits broken references every `missing_ttl`, so the
+//! gauge heals without anyone pulling.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use moka::sync::Cache;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::checker::{Checker, FetchError, Outcome, RefKind};
+use crate::config::ValidateSettings;
+use crate::integrity::{now_epoch, BrokenRef, Integrity};
+use crate::oci::{Descriptor, Manifest, ManifestKind};
+
+/// One manifest a client was served, to validate.
+#[derive(Debug)]
+pub struct Job {
+    pub repository: String,
+    /// The tag or digest the client asked for.
+    pub reference: String,
+    /// `Docker-Content-Digest` of the response, if the upstream sent one.
+    pub digest: Option<String>,
+    /// The body the client received, when it was complete and under the manifest cap.
+    pub body: Option<Bytes>,
+    pub kind: ManifestKind,
+    /// The requesting client's credentials: checks see no more than the client could.
+    pub auth: Option<HeaderValue>,
+    /// When the response headers went to the client (detection latency starts here).
+    pub seen_at: Instant,
+}
+
+struct ValidateMetrics {
+    index_checks: IntCounterVec,
+    queue_depth: IntGauge,
+    dropped: IntCounter,
+    detection: Histogram,
+    not_found: IntCounterVec,
+}
+
+/// The validator: queue, workers, and what it has seen referenced.
+pub struct Validator {
+    tx: mpsc::Sender<Job>,
+    metrics: ValidateMetrics,
+    /// (repository, digest) of every child and blob of a manifest seen: a 404 for one of
+    /// these reaching a client is a real client hitting a hole.
+    referenced: Cache<(Arc<str>, Arc<str>), ()>,
+}
+
+/// What a worker needs.
+struct Worker {
+    checker: Arc<Checker>,
+    integrity: Arc<Integrity>,
+    settings: ValidateSettings,
+    validator: Arc<Validator>,
+}
+
+/// The summary of one validation.
+#[derive(Debug, Default)]
+struct Tally {
+    broken: usize,
+    unauthorized: usize,
+    errors: usize,
+}
+
+impl Validator {
+    /// Starts the workers and the re-check loop; returns the handle the proxy submits to.
+    pub fn start(
+        settings: ValidateSettings,
+        checker: Arc<Checker>,
+        integrity: Arc<Integrity>,
+        registry: &Registry,
+    ) -> Result<Arc<Self>, prometheus::Error> {
+        let index_checks = IntCounterVec::new(
+            Opts::new(
+                "regguard_index_checks_total",
+                "Index validations by result (ok, broken, unauthorized, error)",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(index_checks.clone()))?;
+        for r in ["ok", "broken", "unauthorized", "error"] {
+            index_checks.get_metric_with_label_values(&[r])?;
+        }
+        let queue_depth =
+            IntGauge::new("regguard_validation_queue_depth", "Validation jobs waiting")?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        let dropped = IntCounter::new(
+            "regguard_validation_dropped_total",
+            "Validation jobs dropped because the queue was full (clients never wait for validation)",
+        )?;
+        registry.register(Box::new(dropped.clone()))?;
+        let detection = Histogram::with_opts(
+            HistogramOpts::new(
+                "regguard_detection_seconds",
+                "From the index response reaching the client to its broken child being known",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )?;
+        registry.register(Box::new(detection.clone()))?;
+        let not_found = IntCounterVec::new(
+            Opts::new(
+                "regguard_client_not_found_total",
+                "404s passed to clients for a manifest or blob by digest; referenced=\"true\" when an index or manifest regguard has seen references it",
+            ),
+            &["kind", "referenced"],
+        )?;
+        registry.register(Box::new(not_found.clone()))?;
+        for k in ["manifest", "blob"] {
+            for r in ["true", "false"] {
+                not_found.get_metric_with_label_values(&[k, r])?;
+            }
+        }
+
+        let (tx, rx) = mpsc::channel(settings.queue_capacity);
+        let validator = Arc::new(Validator {
+            tx,
+            metrics: ValidateMetrics {
+                index_checks,
+                queue_depth,
+                dropped,
+                detection,
+                not_found,
+            },
+            referenced: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_idle(Duration::from_secs(24 * 3600))
+                .build(),
+        });
+        let worker = Arc::new(Worker {
+            checker,
+            integrity,
+            settings,
+            validator: validator.clone(),
+        });
+        tokio::spawn(dispatch(rx, worker.clone()));
+        tokio::spawn(recheck_loop(worker));
+        Ok(validator)
+    }
+
+    /// Queues a job; never waits. A full queue drops the job and counts it.
+    pub fn submit(&self, job: Job) {
+        match self.tx.try_send(job) {
+            Ok(()) => self.metrics.queue_depth.inc(),
+            Err(_) => self.metrics.dropped.inc(),
+        }
+    }
+
+    /// Counts a 404 passed to a client for a manifest or blob by digest.
+    pub fn client_not_found(&self, kind: RefKind, repository: &str, digest: &str) {
+        let referenced = self
+            .referenced
+            .contains_key(&(Arc::from(repository), Arc::from(digest)));
+        self.metrics
+            .not_found
+            .with_label_values(&[kind.as_str(), if referenced { "true" } else { "false" }])
+            .inc();
+    }
+
+    fn remember_references(&self, repository: &str, m: &Manifest) {
+        let repo: Arc<str> = Arc::from(repository);
+        for d in m.references() {
+            self.referenced
+                .insert((repo.clone(), Arc::from(d.digest.as_str())), ());
+        }
+    }
+}
+
+async fn dispatch(mut rx: mpsc::Receiver<Job>, worker: Arc<Worker>) {
+    let permits = Arc::new(Semaphore::new(worker.settings.workers));
+    while let Some(job) = rx.recv().await {
+        worker.validator.metrics.queue_depth.dec();
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let w = worker.clone();
+        tokio::spawn(async move {
+            w.validate(job).await;
+            drop(permit);
+        });
+    }
+}
+
+/// A child being walked: where it sits in the tree.
+struct Node<'a> {
+    repository: &'a str,
+    reference: &'a str,
+    root_digest: &'a str,
+    auth: Option<&'a HeaderValue>,
+    seen_at: Instant,
+}
+
+impl Worker {
+    async fn validate(&self, job: Job) {
+        let result = self.resolve(&job).await;
+        let (digest, manifest) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let label = match &e {
+                    FetchError::Unauthorized(_) => "unauthorized",
+                    FetchError::Status(404) => {
+                        // The index is gone (deleted after it was served): nothing to validate.
+                        if let Some(d) = &job.digest {
+                            self.integrity.remove_index(&job.repository, d);
+                        }
+                        return;
+                    }
+                    _ => "error",
+                };
+                if label == "error" {
+                    tracing::warn!(
+                        repository = %job.repository,
+                        reference = %job.reference,
+                        digest = job.digest.as_deref().unwrap_or(""),
+                        error = %e,
+                        "cannot validate manifest"
+                    );
+                }
+                self.count_index(job.kind, label);
+                return;
+            }
+        };
+        self.validator
+            .remember_references(&job.repository, &manifest);
+        let node = Node {
+            repository: &job.repository,
+            reference: &job.reference,
+            root_digest: &digest,
+            auth: job.auth.as_ref(),
+            seen_at: job.seen_at,
+        };
+        let mut tally = Tally::default();
+        match manifest.as_ref() {
+            Manifest::Index { manifests } => self.walk_index(&node, manifests, 1, &mut tally).await,
+            Manifest::Image { .. } => {
+                if self.settings.blobs {
+                    self.check_image_blobs(&node, &manifest, "", &mut tally)
+                        .await;
+                }
+            }
+        }
+        let label = if tally.broken > 0 {
+            "broken"
+        } else if tally.unauthorized > 0 {
+            "unauthorized"
+        } else if tally.errors > 0 {
+            "error"
+        } else {
+            "ok"
+        };
+        self.count_index(job.kind, label);
+    }
+
+    fn count_index(&self, kind: ManifestKind, label: &str) {
+        if kind == ManifestKind::Index {
+            self.validator
+                .metrics
+                .index_checks
+                .with_label_values(&[label])
+                .inc();
+        }
+    }
+
+    /// The manifest's digest and parsed form: the served bytes if complete and true, else fetched.
+    async fn resolve(&self, job: &Job) -> Result<(String, Arc<Manifest>), FetchError> {
+        if let Some(body) = &job.body {
+            let digest = job
+                .digest
+                .clone()
+                .unwrap_or_else(|| crate::oci::sha256_digest(body));
+            let m = self.checker.verified(&digest, body, Some(job.kind)).await?;
+            return Ok((digest, m));
+        }
+        let digest = match &job.digest {
+            Some(d) => d.clone(),
+            None if crate::oci::is_sha256_digest(&job.reference) => job.reference.clone(),
+            None => {
+                return Err(FetchError::Upstream(
+                    "response had no Docker-Content-Digest".into(),
+                ))
+            }
+        };
+        let m = self
+            .checker
+            .manifest(&job.repository, &digest, job.auth.as_ref())
+            .await?;
+        Ok((digest, m))
+    }
+
+    async fn walk_index(
+        &self,
+        node: &Node<'_>,
+        children: &[Descriptor],
+        depth: u32,
+        tally: &mut Tally,
+    ) {
+        if depth > self.settings.max_depth {
+            tally.errors += 1;
+            tracing::warn!(
+                repository = node.repository,
+                index_digest = node.root_digest,
+                max_depth = self.settings.max_depth,
+                "index nests deeper than validate.max_depth; not followed"
+            );
+            return;
+        }
+        for child in children {
+            let platform = child
+                .platform
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let outcome = self
+                .checker
+                .check(node.repository, child, RefKind::Manifest, node.auth)
+                .await;
+            self.record(node, child, RefKind::Manifest, &platform, &outcome, tally);
+            if outcome != Outcome::Ok {
+                continue;
+            }
+            let needs_content = self.settings.blobs
+                || crate::oci::manifest_kind(&child.media_type) == Some(ManifestKind::Index);
+            if !needs_content {
+                continue;
+            }
+            match self
+                .checker
+                .manifest(node.repository, &child.digest, node.auth)
+                .await
+            {
+                Ok(m) => {
+                    self.validator.remember_references(node.repository, &m);
+                    match m.as_ref() {
+                        Manifest::Index { manifests } => {
+                            Box::pin(self.walk_index(node, manifests, depth + 1, tally)).await
+                        }
+                        Manifest::Image { .. } => {
+                            if self.settings.blobs {
+                                self.check_image_blobs(node, &m, &platform, tally).await;
+                            }
+                        }
+                    }
+                }
+                Err(FetchError::Unauthorized(_)) => tally.unauthorized += 1,
+                Err(e) => {
+                    tally.errors += 1;
+                    tracing::warn!(repository = node.repository, child_digest = %child.digest, error = %e, "cannot read child manifest");
+                }
+            }
+        }
+    }
+
+    async fn check_image_blobs(
+        &self,
+        node: &Node<'_>,
+        image: &Manifest,
+        platform: &str,
+        tally: &mut Tally,
+    ) {
+        for blob in image.references() {
+            if !blob.urls.is_empty() {
+                continue; // non-distributable layer: not in the registry by design
+            }
+            let outcome = self
+                .checker
+                .check(node.repository, blob, RefKind::Blob, node.auth)
+                .await;
+            self.record(node, blob, RefKind::Blob, platform, &outcome, tally);
+        }
+    }
+
+    fn record(
+        &self,
+        node: &Node<'_>,
+        d: &Descriptor,
+        kind: RefKind,
+        platform: &str,
+        outcome: &Outcome,
+        tally: &mut Tally,
+    ) {
+        match outcome {
+            Outcome::Ok => self
+                .integrity
+                .report_ok(node.repository, node.root_digest, &d.digest),
+            Outcome::Unauthorized(_) => tally.unauthorized += 1,
+            Outcome::Error(_) => tally.errors += 1,
+            Outcome::Missing | Outcome::Mismatch { .. } => {
+                tally.broken += 1;
+                let fresh = self.integrity.report_broken(BrokenRef {
+                    repository: node.repository.to_string(),
+                    reference: node.reference.to_string(),
+                    index_digest: node.root_digest.to_string(),
+                    child_digest: d.digest.clone(),
+                    platform: platform.to_string(),
+                    kind,
+                    upstream_said: outcome.describe(kind),
+                    since: now_epoch(),
+                    auth: node.auth.cloned(),
+                    size: d.size,
+                });
+                if fresh {
+                    self.validator
+                        .metrics
+                        .detection
+                        .observe(node.seen_at.elapsed().as_secs_f64());
+                }
+            }
+        }
+    }
+
+    /// Re-checks one broken reference, bypassing cached negatives.
+    async fn recheck(&self, b: &BrokenRef) {
+        let desc = Descriptor {
+            media_type: String::new(),
+            digest: b.child_digest.clone(),
+            size: b.size,
+            platform: None,
+            urls: vec![],
+        };
+        // Is the index itself still there? If not, its entries go.
+        let index = self
+            .checker
+            .present(
+                &b.repository,
+                &b.index_digest,
+                RefKind::Manifest,
+                b.auth.as_ref(),
+            )
+            .await;
+        if index == crate::checker::Presence::NotFound {
+            self.integrity.remove_index(&b.repository, &b.index_digest);
+            return;
+        }
+        let outcome = self
+            .checker
+            .recheck(&b.repository, &desc, b.kind, b.auth.as_ref())
+            .await;
+        if outcome == Outcome::Ok {
+            self.integrity
+                .report_ok(&b.repository, &b.index_digest, &b.child_digest);
+        }
+    }
+}
+
+async fn recheck_loop(worker: Arc<Worker>) {
+    let period = worker.settings.missing_ttl.max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for b in worker.integrity.snapshot() {
+            worker.recheck(&b).await;
+        }
+    }
+}
