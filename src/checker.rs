@@ -446,15 +446,25 @@ impl Checker {
     }
 
     /// A manifest by digest, parsed: from the content cache, else fetched, verified and cached.
+    /// Concurrent requests for one digest share one fetch; failures are not cached.
     pub async fn manifest(
         &self,
         repo: &str,
         digest: &str,
         auth: Option<&HeaderValue>,
     ) -> Result<Arc<Manifest>, FetchError> {
-        if let Some(m) = self.manifests.get(digest).await {
-            return Ok(m);
-        }
+        self.manifests
+            .try_get_with(Arc::from(digest), self.fetch_manifest(repo, digest, auth))
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    async fn fetch_manifest(
+        &self,
+        repo: &str,
+        digest: &str,
+        auth: Option<&HeaderValue>,
+    ) -> Result<Arc<Manifest>, FetchError> {
         let req = self
             .request(Method::GET, repo, RefKind::Manifest, digest, auth)
             .map_err(FetchError::Upstream)?;
@@ -493,7 +503,14 @@ impl Checker {
             }
         })?
         .to_bytes();
-        self.verified(digest, &body, hint).await
+        let found = oci::sha256_digest(&body);
+        if found != digest {
+            return Err(FetchError::DigestMismatch {
+                expected: digest.to_string(),
+                found,
+            });
+        }
+        Ok(Arc::new(Manifest::parse(&body, hint)?))
     }
 
     /// Parses manifest bytes whose digest must be `digest`, and caches the result.
