@@ -8,7 +8,9 @@
 //! (b) manifest GET by tag at 32 connections: requests/s, p50, p99;
 //! (c) (a) and (b) against a minimal in-process upstream, to show the proxies'
 //!     own ceiling without the registry's CPU in the way;
-//! (d) regguard's peak RSS while relaying 256 concurrent blob streams.
+//! (d) regguard's peak RSS while relaying 256 concurrent blob streams;
+//! (e) serve-time validation on vs off, upstream amplification, detection latency
+//!     (`BENCH_ONLY=validation` runs only this part).
 //! Settings: BENCH_ROUNDS (default 5), BENCH_SECONDS per load run (default 3).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -130,6 +132,8 @@ async fn fetch(
 }
 
 struct Load {
+    /// Every request sent, warm-up included.
+    sent: usize,
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -145,6 +149,7 @@ async fn load(addr: SocketAddr, path: &str, secs: f64) -> Load {
         tasks.push(tokio::spawn(async move {
             let mut send = connect(addr, None).await;
             let mut lat = Vec::new();
+            let mut sent = 0usize;
             loop {
                 let t = Instant::now();
                 if t >= stop {
@@ -163,20 +168,25 @@ async fn load(addr: SocketAddr, path: &str, secs: f64) -> Load {
                 };
                 assert_eq!(resp.status(), 200);
                 resp.into_body().collect().await.unwrap();
+                sent += 1;
                 if t >= warm {
                     lat.push(t.elapsed().as_micros() as u32);
                 }
             }
-            lat
+            (sent, lat)
         }));
     }
     let mut all = Vec::new();
+    let mut sent = 0;
     for t in tasks {
-        all.extend(t.await.unwrap());
+        let (n, lat) = t.await.unwrap();
+        sent += n;
+        all.extend(lat);
     }
     all.sort_unstable();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0;
     Load {
+        sent,
         rps: all.len() as f64 / secs,
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
@@ -424,6 +434,112 @@ fn machine() -> String {
     format!("{cores} vCPU ({model}), {mem_gib:.0} GiB, Linux {}, {nginx}, docker-registry 2.8.2, loopback", kernel.trim())
 }
 
+/// Access-log lines of the registry: (all requests, requests regguard made itself).
+fn registry_requests(reg: &Registry) -> (usize, usize) {
+    let log = reg.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(" +0000] \"")).collect();
+    let own = lines
+        .iter()
+        .filter(|l| l.ends_with("\"regguard/0.1.0\""))
+        .count();
+    (lines.len(), own)
+}
+
+/// (e) Serve-time validation: its cost on manifest GETs, its upstream amplification,
+/// and how long a broken child takes to show up.
+fn validation_bench(
+    rt: &tokio::runtime::Runtime,
+    reg: &Registry,
+    quiet: &RegguardOptions,
+    rounds: u64,
+    secs: f64,
+) {
+    let manifest_path = "/v2/bench/app/manifests/v1";
+    let on = Regguard::start_with(&reg.url(), quiet.clone());
+    let mut off_opts = quiet.clone();
+    off_opts
+        .env
+        .push(("REGGUARD_VALIDATE_ENABLED".into(), "false".into()));
+    let off = Regguard::start_with(&reg.url(), off_opts);
+    // Steady state: the first pull fills the caches.
+    rt.block_on(load(on.public, manifest_path, 1.0));
+    let mut rows: Vec<(&str, Samples, Vec<f64>)> = vec![
+        ("validation off", Samples::default(), vec![]),
+        ("validation on", Samples::default(), vec![]),
+    ];
+    for _ in 0..rounds {
+        for (i, rg) in [&off, &on].into_iter().enumerate() {
+            let (all0, _) = registry_requests(reg);
+            let l = rt.block_on(load(rg.public, manifest_path, secs));
+            std::thread::sleep(Duration::from_millis(300)); // let the access log catch up
+            let (all1, _) = registry_requests(reg);
+            let row = &mut rows[i];
+            row.1.rps.push(l.rps);
+            row.1.p50.push(l.p50_ms);
+            row.1.p99.push(l.p99_ms);
+            row.2.push((all1 - all0) as f64 / l.sent as f64);
+            eprintln!("{} {:.0} req/s", row.0, l.rps);
+        }
+    }
+    println!(
+        "\n### Serve-time validation (manifest GET by tag of a healthy index, 32 connections)\n"
+    );
+    println!(
+        "| regguard | manifest req/s | p50 ms | p99 ms | upstream requests per client request |"
+    );
+    println!("|---|---|---|---|---|");
+    for (name, s, amp) in &rows {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.4} |",
+            median(s.rps.clone()),
+            median(s.p50.clone()),
+            median(s.p99.clone()),
+            median(amp.clone())
+        );
+    }
+    println!(
+        "\nValidation on ÷ off: {:.3}× requests/s, p50 {:+.2} ms.",
+        median(rows[1].1.rps.clone()) / median(rows[0].1.rps.clone()),
+        median(rows[1].1.p50.clone()) - median(rows[0].1.p50.clone())
+    );
+
+    // Detection latency: the incident of tests/validate.rs, repeated in fresh repositories.
+    let mut lat = Vec::new();
+    for i in 0..30 {
+        let repo = format!("detect/r{i}");
+        let img = oci::multi_arch(&format!("detect{i}"));
+        oci::push_multi_arch(&reg.url(), &repo, "v1", &img, &[]);
+        reg.remove_revision_link(&repo, &img.image("amd64").manifest.digest);
+        let r = send(
+            "GET",
+            &format!("{}/v2/{repo}/manifests/v1", on.url()),
+            &[("accept", ACCEPT_ALL)],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 200);
+        let t0 = Instant::now();
+        let integrity = format!("http://{}/integrity", on.admin);
+        loop {
+            if http::get(&integrity).json()["count"].as_u64().unwrap() as usize > i {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "not detected");
+        }
+        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let m = on.metrics();
+    let mean = common::metric_value(&m, "regguard_detection_seconds_sum")
+        / common::metric_value(&m, "regguard_detection_seconds_count")
+        * 1000.0;
+    println!(
+        "\nDetection latency (index response to the client → broken child visible on /integrity, polled; 30 incidents): p50 {:.1} ms, p99 {:.1} ms; regguard's own `regguard_detection_seconds` mean {:.1} ms.",
+        lat[lat.len() / 2],
+        lat[(lat.len() * 99 / 100).min(lat.len() - 1)],
+        mean
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` / criterion-style listing: nothing to list.
@@ -492,6 +608,10 @@ fn main() {
 
     let blob_path = format!("/v2/bench/app/blobs/{digest}");
     let manifest_path = "/v2/bench/app/manifests/v1";
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("validation") {
+        validation_bench(&rt, &reg, &quiet, rounds, secs);
+        return;
+    }
     if std::env::var("BENCH_QUICK").is_ok() {
         let rg = Regguard::start_with(&reg.url(), quiet.clone());
         for _ in 0..3 {
@@ -658,12 +778,22 @@ fn main() {
         );
     }
 
-    // (c) Minimal in-process upstream: the proxies' own ceiling.
+    validation_bench(&rt, &reg, &quiet, rounds, secs);
+
+    // (c) Minimal in-process upstream: the proxies' own ceiling. Its canned manifests do not
+    // form a valid image, so validation is off here: this measures forwarding alone.
     let up = minimal_upstream(&upstream_rt, img.index.clone());
     let tuned = Nginx::start("front-tuned.conf", up);
     let tuned_tls = Nginx::start_with("front-tuned.conf", up, tls_files);
-    let rg = Regguard::start_with(&format!("http://{up}"), quiet);
-    let rg_tls = Regguard::start_with(&format!("http://{up}"), tls_opts);
+    let mut bare = quiet.clone();
+    bare.env
+        .push(("REGGUARD_VALIDATE_ENABLED".into(), "false".into()));
+    let mut bare_tls = tls_opts.clone();
+    bare_tls
+        .env
+        .push(("REGGUARD_VALIDATE_ENABLED".into(), "false".into()));
+    let rg = Regguard::start_with(&format!("http://{up}"), bare);
+    let rg_tls = Regguard::start_with(&format!("http://{up}"), bare_tls);
     let mut targets = vec![
         Target {
             name: "direct",

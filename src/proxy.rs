@@ -247,17 +247,24 @@ impl Proxy {
             Some(ManifestKind::Image) if v.blobs => {}
             _ => return,
         }
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|d| d.to_str().ok())
+            .filter(|d| oci::is_sha256_digest(d))
+            .map(str::to_owned);
+        let kind = kind.unwrap_or(ManifestKind::Index);
+        if let Some(d) = &digest {
+            if v.validator.recently_ok(&read.repository, d, kind) {
+                return;
+            }
+        }
         let job = Job {
-            digest: resp
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|d| d.to_str().ok())
-                .filter(|d| oci::is_sha256_digest(d))
-                .map(str::to_owned),
+            digest,
             repository: read.repository,
             reference: read.reference,
             body: None,
-            kind: kind.unwrap_or(ManifestKind::Index),
+            kind,
             auth: read.auth,
             seen_at: Instant::now().into_std(),
         };

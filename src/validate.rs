@@ -56,6 +56,9 @@ pub struct Validator {
     /// (repository, digest) of every child and blob of a manifest seen: a 404 for one of
     /// these reaching a client is a real client hitting a hole.
     referenced: Cache<(Arc<str>, Arc<str>), ()>,
+    /// (repository, manifest digest) validated ok within `ok_ttl`: served again, it is
+    /// counted from this verdict without a job (its references' presence is cached as long).
+    recent_ok: Cache<(Arc<str>, Arc<str>), ()>,
 }
 
 /// What a worker needs.
@@ -139,6 +142,10 @@ impl Validator {
                 .max_capacity(1_000_000)
                 .time_to_idle(Duration::from_secs(24 * 3600))
                 .build(),
+            recent_ok: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(settings.ok_ttl)
+                .build(),
         });
         let worker = Arc::new(Worker {
             checker,
@@ -157,6 +164,18 @@ impl Validator {
             Ok(()) => self.metrics.queue_depth.inc(),
             Err(_) => self.metrics.dropped.inc(),
         }
+    }
+
+    /// True (and counted as an ok validation) when this manifest was validated ok within `ok_ttl`:
+    /// the caller need not tap or queue anything.
+    pub fn recently_ok(&self, repository: &str, digest: &str, kind: ManifestKind) -> bool {
+        let hit = self
+            .recent_ok
+            .contains_key(&(Arc::from(repository), Arc::from(digest)));
+        if hit && kind == ManifestKind::Index {
+            self.metrics.index_checks.with_label_values(&["ok"]).inc();
+        }
+        hit
     }
 
     /// Counts a 404 passed to a client for a manifest or blob by digest.
@@ -259,6 +278,13 @@ impl Worker {
         } else if tally.errors > 0 {
             "error"
         } else {
+            self.validator.recent_ok.insert(
+                (
+                    Arc::from(job.repository.as_str()),
+                    Arc::from(digest.as_str()),
+                ),
+                (),
+            );
             "ok"
         };
         self.count_index(job.kind, label);
