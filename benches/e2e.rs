@@ -141,10 +141,15 @@ struct Load {
 
 /// `MANIFEST_CONNECTIONS` keep-alive connections GETting `path` for `secs`.
 async fn load(addr: SocketAddr, path: &str, secs: f64) -> Load {
+    load_n(addr, path, secs, MANIFEST_CONNECTIONS).await
+}
+
+/// `conns` keep-alive connections GETting `path` for `secs`.
+async fn load_n(addr: SocketAddr, path: &str, secs: f64, conns: usize) -> Load {
     let mut tasks = Vec::new();
     let stop = Instant::now() + Duration::from_secs_f64(secs + 0.5);
     let warm = Instant::now() + Duration::from_millis(500);
-    for _ in 0..MANIFEST_CONNECTIONS {
+    for _ in 0..conns {
         let path = path.to_string();
         tasks.push(tokio::spawn(async move {
             let mut send = connect(addr, None).await;
@@ -279,6 +284,9 @@ struct Samples {
     rps: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
+    /// One connection, no contention: the latency a proxy adds by itself.
+    p50_1: Vec<f64>,
+    p99_1: Vec<f64>,
 }
 
 struct Target {
@@ -324,6 +332,9 @@ fn run_suite(
             t.samples.rps.push(l.rps);
             t.samples.p50.push(l.p50_ms);
             t.samples.p99.push(l.p99_ms);
+            let l1 = rt.block_on(load_n(t.plain, manifest_path, secs / 2.0, 1));
+            t.samples.p50_1.push(l1.p50_ms);
+            t.samples.p99_1.push(l1.p99_ms);
             eprintln!(
                 "round {round} {:<14} {:>7.0} MiB/s {:>7.0} req/s",
                 t.name,
@@ -336,8 +347,8 @@ fn run_suite(
 
 fn table(title: &str, targets: &[Target]) {
     println!("\n### {title}\n");
-    println!("| path | blob GET MiB/s | proxy CPU-s/GiB | TLS blob GET MiB/s | TLS CPU-s/GiB | manifest req/s | p50 ms | p99 ms |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| path | blob GET MiB/s | proxy CPU-s/GiB | TLS blob GET MiB/s | TLS CPU-s/GiB | manifest req/s (32 conn) | p50 ms | p99 ms | 1 conn p50 ms | 1 conn p99 ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let fmt = |v: &Vec<f64>, d: usize| {
         if v.is_empty() {
             "–".to_string()
@@ -348,7 +359,7 @@ fn table(title: &str, targets: &[Target]) {
     for t in targets {
         let s = &t.samples;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             t.name,
             fmt(&s.mibs, 0),
             fmt(&s.cpu_per_gib, 2),
@@ -356,7 +367,9 @@ fn table(title: &str, targets: &[Target]) {
             fmt(&s.tls_cpu_per_gib, 2),
             fmt(&s.rps, 0),
             fmt(&s.p50, 2),
-            fmt(&s.p99, 2)
+            fmt(&s.p99, 2),
+            fmt(&s.p50_1, 3),
+            fmt(&s.p99_1, 3)
         );
     }
     let get = |name: &str| targets.iter().find(|t| t.name == name).map(|t| &t.samples);
@@ -400,9 +413,22 @@ fn table(title: &str, targets: &[Target]) {
         ratio(&rg.rps, &front.rps),
         ratio(&rg.rps, &tuned.rps)
     );
+    let added =
+        |a: &Vec<f64>, b: &Vec<f64>| format!("{:+.3}", median(a.clone()) - median(b.clone()));
     println!(
-        "| p99 added vs direct (ms) | {:.2} | | |",
-        median(rg.p99.clone()) - median(direct.p99.clone())
+        "| p99 added at 32 connections, registry saturated (ms) | {} | {} | {} |",
+        added(&rg.p99, &direct.p99),
+        added(&rg.p99, &front.p99),
+        added(&rg.p99, &tuned.p99)
+    );
+    println!(
+        "| p50 / p99 added at 1 connection (ms) | {} / {} | {} / {} | {} / {} |",
+        added(&rg.p50_1, &direct.p50_1),
+        added(&rg.p99_1, &direct.p99_1),
+        added(&rg.p50_1, &front.p50_1),
+        added(&rg.p99_1, &front.p99_1),
+        added(&rg.p50_1, &tuned.p50_1),
+        added(&rg.p99_1, &tuned.p99_1)
     );
 }
 
