@@ -54,6 +54,8 @@ pub enum Presence {
     Found {
         size: Option<u64>,
         digest: Option<String>,
+        /// Content-Type of a manifest (blobs are served as octet-stream: not recorded).
+        media_type: Option<String>,
     },
     /// 404.
     NotFound,
@@ -119,10 +121,24 @@ impl Outcome {
     }
 }
 
-/// Compares what the upstream said with what the descriptor promises.
-pub fn judge(presence: &Presence, desc: &Descriptor) -> Outcome {
+/// Compares what the upstream said with what the descriptor promises. With `strict_media`,
+/// a manifest descriptor's `mediaType` must also match what the registry serves it as.
+pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outcome {
     match presence {
-        Presence::Found { size, digest } => {
+        Presence::Found {
+            size,
+            digest,
+            media_type,
+        } => {
+            if let (true, Some(found)) = (strict_media && !desc.media_type.is_empty(), media_type) {
+                if *found != desc.media_type {
+                    return Outcome::Mismatch {
+                        what: "media type",
+                        expected: desc.media_type.clone(),
+                        found: found.clone(),
+                    };
+                }
+            }
             if let Some(d) = digest {
                 if *d != desc.digest {
                     return Outcome::Mismatch {
@@ -292,6 +308,18 @@ impl Checker {
         kind: RefKind,
         auth: Option<&HeaderValue>,
     ) -> Outcome {
+        self.check_with(repo, desc, kind, auth, false).await
+    }
+
+    /// [`Checker::check`], optionally also comparing a manifest's media type.
+    pub async fn check_with(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        kind: RefKind,
+        auth: Option<&HeaderValue>,
+        strict_media: bool,
+    ) -> Outcome {
         let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
         let entry = self
             .presence
@@ -303,7 +331,7 @@ impl Checker {
         } else {
             self.metrics.hits.inc();
         }
-        let outcome = judge(entry.value(), desc);
+        let outcome = judge(entry.value(), desc, strict_media);
         self.count(kind, &outcome);
         outcome
     }
@@ -315,6 +343,7 @@ impl Checker {
         desc: &Descriptor,
         kind: RefKind,
         auth: Option<&HeaderValue>,
+        strict_media: bool,
     ) -> Outcome {
         let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
         if let Some(p) = self.presence.get(&key).await {
@@ -322,7 +351,7 @@ impl Checker {
                 self.presence.invalidate(&key).await;
             }
         }
-        self.check(repo, desc, kind, auth).await
+        self.check_with(repo, desc, kind, auth, strict_media).await
     }
 
     /// Asks the upstream directly (no cache, not counted): is `digest` there at all?
@@ -337,7 +366,14 @@ impl Checker {
     }
 
     /// Records that a reference is present (e.g. a manifest just accepted), so it is not asked again.
-    pub async fn remember_present(&self, repo: &str, digest: &str, size: u64, kind: RefKind) {
+    pub async fn remember_present(
+        &self,
+        repo: &str,
+        digest: &str,
+        size: u64,
+        kind: RefKind,
+        media_type: Option<String>,
+    ) {
         let key: PresenceKey = (Arc::from(repo), Arc::from(digest), kind);
         self.presence
             .insert(
@@ -345,6 +381,7 @@ impl Checker {
                 Presence::Found {
                     size: Some(size),
                     digest: Some(digest.to_string()),
+                    media_type,
                 },
             )
             .await;
@@ -429,12 +466,17 @@ impl Checker {
             Presence::Found {
                 size: header_str("content-length").and_then(|v| v.parse().ok()),
                 digest: header_str("docker-content-digest"),
+                media_type: (kind == RefKind::Manifest)
+                    .then(|| header_str("content-type"))
+                    .flatten()
+                    .map(|ct| ct.split(';').next().unwrap_or("").trim().to_string()),
             }
         } else if status.is_redirection() && kind == RefKind::Blob {
             // Storage backends redirect blob reads to their own URLs: present, size unknown here.
             Presence::Found {
                 size: None,
                 digest: None,
+                media_type: None,
             }
         } else if status == StatusCode::NOT_FOUND {
             Presence::NotFound
@@ -558,28 +600,32 @@ mod tests {
         let found = |size, digest: &str| Presence::Found {
             size: Some(size),
             digest: Some(digest.into()),
+            media_type: Some(oci::DOCKER_MANIFEST.into()),
         };
-        assert_eq!(judge(&found(5, &d.digest), &d), Outcome::Ok);
+        assert_eq!(judge(&found(5, &d.digest), &d, false), Outcome::Ok);
         assert!(matches!(
-            judge(&found(6, &d.digest), &d),
+            judge(&found(6, &d.digest), &d, false),
             Outcome::Mismatch { what: "size", .. }
         ));
         assert!(matches!(
-            judge(&found(5, "sha256:00"), &d),
+            judge(&found(5, "sha256:00"), &d, false),
             Outcome::Mismatch { what: "digest", .. }
         ));
-        assert_eq!(judge(&Presence::NotFound, &d), Outcome::Missing);
-        assert!(!judge(&Presence::Unauthorized(401), &d).is_broken());
-        assert!(!judge(&Presence::Error("x".into()), &d).is_broken());
-        assert_eq!(
-            judge(
-                &Presence::Found {
-                    size: None,
-                    digest: None
-                },
-                &d
-            ),
-            Outcome::Ok
-        );
+        assert!(matches!(
+            judge(&found(5, &d.digest), &d, true),
+            Outcome::Mismatch {
+                what: "media type",
+                ..
+            }
+        ));
+        assert_eq!(judge(&Presence::NotFound, &d, false), Outcome::Missing);
+        assert!(!judge(&Presence::Unauthorized(401), &d, false).is_broken());
+        assert!(!judge(&Presence::Error("x".into()), &d, false).is_broken());
+        let unknown = Presence::Found {
+            size: None,
+            digest: None,
+            media_type: None,
+        };
+        assert_eq!(judge(&unknown, &d, true), Outcome::Ok);
     }
 }

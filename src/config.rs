@@ -135,6 +135,31 @@ struct FileConfig {
     validate: ValidateFile,
     #[serde(default)]
     metrics: MetricsFile,
+    #[serde(default)]
+    gate: GateFile,
+}
+
+/// `[gate]`: the push gate.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GateFile {
+    mode: Option<crate::gate::GateMode>,
+    on_check_error: Option<crate::gate::OnCheckError>,
+    depth: Option<crate::gate::GateDepth>,
+}
+
+fn gate_env<T: serde::de::DeserializeOwned>(
+    key: &'static str,
+    name: &str,
+) -> Result<Option<T>, ConfigError> {
+    match section_env("gate", name) {
+        None => Ok(None),
+        Some(v) => T::deserialize(
+            serde::de::value::StrDeserializer::<serde::de::value::Error>::new(v.trim()),
+        )
+        .map(Some)
+        .map_err(|e| invalid(key, format!("REGGUARD_GATE_{}: {e}", name.to_uppercase()))),
+    }
 }
 
 /// `[validate]`: serve-time index validation.
@@ -247,6 +272,7 @@ pub struct Settings {
     pub access_log: bool,
     pub validate: ValidateSettings,
     pub metrics: MetricsSettings,
+    pub gate: crate::gate::GateSettings,
 }
 
 /// Validated `[validate]` settings.
@@ -430,7 +456,21 @@ impl Settings {
             .or(m.max_broken_series)
             .unwrap_or(defaults::MAX_BROKEN_SERIES),
         };
+        let g = file.gate;
+        let gate = crate::gate::GateSettings {
+            mode: gate_env("gate.mode", "mode")?
+                .or(g.mode)
+                .unwrap_or(crate::gate::GateMode::Enforce),
+            on_check_error: gate_env("gate.on_check_error", "on_check_error")?
+                .or(g.on_check_error)
+                .unwrap_or(crate::gate::OnCheckError::Reject),
+            depth: gate_env("gate.depth", "depth")?
+                .or(g.depth)
+                .unwrap_or(crate::gate::GateDepth::Deep),
+            max_depth: validate.max_depth,
+        };
         let settings = Settings {
+            gate,
             validate,
             metrics,
             listen: parse_addr("listen", &listen)?,
@@ -555,6 +595,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("wokers"), "{err}");
+    }
+
+    #[test]
+    fn gate_section_defaults_and_values() {
+        use crate::gate::{GateDepth, GateMode, OnCheckError};
+        let s = Settings::from_toml("").unwrap();
+        assert_eq!(s.gate.mode, GateMode::Enforce);
+        assert_eq!(s.gate.on_check_error, OnCheckError::Reject);
+        assert_eq!(s.gate.depth, GateDepth::Deep);
+        let s = Settings::from_toml(
+            "[gate]\nmode = \"audit\"\non_check_error = \"allow\"\ndepth = \"shallow\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.gate.mode, GateMode::Audit);
+        assert_eq!(s.gate.on_check_error, OnCheckError::Allow);
+        assert_eq!(s.gate.depth, GateDepth::Shallow);
+        assert!(Settings::from_toml("[gate]\nmode = \"strict\"\n").is_err());
     }
 
     #[test]

@@ -61,9 +61,15 @@ impl ForwardError {
 
 /// Renders one OCI/distribution error envelope with the given status.
 pub fn oci_error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
-    let body = serde_json::json!({
-        "errors": [{ "code": code, "message": message, "detail": null }]
-    });
+    oci_errors(
+        status,
+        vec![serde_json::json!({ "code": code, "message": message, "detail": null })],
+    )
+}
+
+/// Renders an envelope with several errors (each `{code, message, detail}`).
+pub fn oci_errors(status: StatusCode, errors: Vec<serde_json::Value>) -> Response<ResponseBody> {
+    let body = serde_json::json!({ "errors": errors });
     let bytes = Bytes::from(body.to_string());
     let mut resp = Response::new(ResponseBody::full(bytes));
     *resp.status_mut() = status;

@@ -11,6 +11,7 @@ pub mod body;
 pub mod checker;
 pub mod config;
 pub mod error;
+pub mod gate;
 pub mod integrity;
 pub mod metrics;
 pub mod oci;

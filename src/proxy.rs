@@ -28,6 +28,7 @@ use crate::body::{Direction, Metered, ResponseBody, Tally, UpstreamBody};
 use crate::checker::RefKind;
 use crate::config::Upstream;
 use crate::error::ForwardError;
+use crate::gate::{Gate, GateMode, OnCheckError, Verdict};
 use crate::metrics::{method_index, Metrics};
 use crate::oci::{self, ManifestKind};
 use crate::route::{self, RouteKind};
@@ -50,6 +51,15 @@ pub struct Proxy {
     access_log: bool,
     connect_timeout: Duration,
     validation: Option<Validation>,
+    gate: Option<Arc<Gate>>,
+}
+
+/// Timeouts and logging of the forwarding path.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub access_log: bool,
 }
 
 /// Serve-time validation, as the forwarding path sees it: where to hand jobs.
@@ -74,11 +84,15 @@ impl Proxy {
         upstream: Upstream,
         pools: Pools,
         metrics: Arc<Metrics>,
-        idle_timeout: Duration,
-        access_log: bool,
-        connect_timeout: Duration,
+        timing: Timing,
         validation: Option<Validation>,
+        gate: Option<Arc<Gate>>,
     ) -> Self {
+        let Timing {
+            idle_timeout,
+            connect_timeout,
+            access_log,
+        } = timing;
         Proxy {
             upstream,
             pools,
@@ -87,6 +101,7 @@ impl Proxy {
             access_log,
             connect_timeout,
             validation,
+            gate,
         }
     }
 
@@ -110,12 +125,25 @@ impl Proxy {
         };
 
         let read = self.read_ctx(&req, &route);
+        let gated = match (&self.gate, route_kind, req.method()) {
+            (Some(g), RouteKind::Manifest, &Method::PUT) if g.settings.mode != GateMode::Off => {
+                Some((g.clone(), route.reference.unwrap_or("").to_owned()))
+            }
+            _ => None,
+        };
         let mut response = if route_kind == RouteKind::Root
             && matches!(*req.method(), Method::GET | Method::HEAD)
         {
             liveness()
         } else {
-            match self.forward(req, conn, &mut exchange).await {
+            let forwarded = match gated {
+                Some((gate, reference)) => {
+                    self.gated_push(&gate, &reference, req, conn, &mut exchange)
+                        .await
+                }
+                None => self.forward(req, conn, &mut exchange).await,
+            };
+            match forwarded {
                 Ok(mut resp) => {
                     if let Some(read) = read {
                         self.tap_response(read, &mut resp);
@@ -160,7 +188,22 @@ impl Proxy {
             },
             _ => self.pools.lean(),
         };
-        let (mut head, body) = req.into_parts();
+        let (head, body) = req.into_parts();
+        let body = UpstreamBody::Client {
+            body: Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request),
+        };
+        self.send(client, head, body, conn, tally).await
+    }
+
+    /// Sends a request head and body upstream and relays the response head.
+    async fn send(
+        &self,
+        client: &crate::upstream::UpstreamClient,
+        mut head: http::request::Parts,
+        body: UpstreamBody,
+        conn: ConnInfo,
+        tally: Arc<Tally>,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
         let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let uri = self
             .upstream
@@ -174,9 +217,6 @@ impl Proxy {
         );
         head.uri = uri;
         head.version = Version::HTTP_11;
-        let body = UpstreamBody::Client {
-            body: Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request),
-        };
 
         let sent = tokio::time::timeout(
             self.idle_timeout,
@@ -202,6 +242,122 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// Phase 2½, the push gate: read the manifest (≤ 4 MiB), check what it references,
+    /// and forward the exact bytes only if it passes (or in audit mode).
+    async fn gated_push(
+        &self,
+        gate: &Gate,
+        reference: &str,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        exchange: &mut Exchange,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        let repo = exchange.repository.clone().unwrap_or_default();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > DRAIN_LIMIT) {
+            gate.count("rejected");
+            return Ok(too_large());
+        }
+        let auth = req.headers().get(header::AUTHORIZATION).cloned();
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|ct| ct.split(';').next().unwrap_or("").trim().to_owned());
+        let (head, body) = req.into_parts();
+        let bytes = match read_manifest(body, self.idle_timeout).await {
+            Ok(b) => b,
+            Err(ManifestRead::TooLarge) => {
+                gate.count("rejected");
+                return Ok(too_large());
+            }
+            Err(ManifestRead::Failed(why)) => {
+                exchange.tally.request_failed.store(true, Ordering::Relaxed);
+                return Err(ForwardError::ClientAborted(why));
+            }
+        };
+        exchange
+            .tally
+            .bytes_in
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if oci::is_sha256_digest(reference) && oci::sha256_digest(&bytes) != reference {
+            gate.count("rejected");
+            return Ok(crate::error::oci_error(
+                StatusCode::BAD_REQUEST,
+                "DIGEST_INVALID",
+                &format!(
+                    "the manifest's sha256 is {}, not the digest {reference} it was pushed under",
+                    oci::sha256_digest(&bytes)
+                ),
+            ));
+        }
+
+        let verdict = gate
+            .inspect(&repo, &bytes, content_type.as_deref(), auth.as_ref())
+            .await;
+        let audit = gate.settings.mode == GateMode::Audit;
+        match &verdict {
+            Verdict::Accept | Verdict::Passthrough => gate.count(verdict.label()),
+            Verdict::Invalid(why) => {
+                if audit {
+                    gate.count("audit_would_reject");
+                } else {
+                    gate.count("rejected");
+                    return Ok(crate::error::oci_error(
+                        StatusCode::BAD_REQUEST,
+                        "MANIFEST_INVALID",
+                        &format!("manifest invalid: {why}"),
+                    ));
+                }
+            }
+            Verdict::Reject(problems) => {
+                tracing::warn!(
+                    repository = %repo,
+                    reference,
+                    client = %conn.remote,
+                    user = basic_user(auth.as_ref()).as_deref().unwrap_or(""),
+                    mode = if audit { "audit" } else { "enforce" },
+                    problems = %problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join(" | "),
+                    "push gate: manifest references missing or wrong content"
+                );
+                if audit {
+                    gate.count("audit_would_reject");
+                } else {
+                    gate.count("rejected");
+                    return Ok(rejection(problems));
+                }
+            }
+            Verdict::CheckError(why) => {
+                gate.count("check_error");
+                tracing::warn!(repository = %repo, reference, error = %why, "push gate could not check references");
+                if gate.settings.on_check_error == OnCheckError::Reject && !audit {
+                    let mut resp = crate::error::oci_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UNAVAILABLE",
+                        &format!("the references of this manifest could not be checked ({why}); retry the push"),
+                    );
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+                    return Ok(resp);
+                }
+            }
+        }
+        let body = UpstreamBody::Full {
+            data: Some(bytes.clone()),
+        };
+        let resp = self
+            .send(self.pools.lean(), head, body, conn, exchange.tally.clone())
+            .await?;
+        if resp.status() == StatusCode::CREATED {
+            gate.accepted(&repo, &bytes, content_type).await;
+        }
+        Ok(resp)
+    }
+
     /// For GET/HEAD of a manifest or blob with validation on: what the tap will need.
     fn read_ctx(&self, req: &Request<Incoming>, route: &route::Route<'_>) -> Option<ReadCtx> {
         self.validation.as_ref()?;
@@ -291,6 +447,86 @@ impl Proxy {
         }
         ForwardError::Unreachable(error_chain(e))
     }
+}
+
+/// How much of an oversized manifest body is read and discarded before the 413 is sent.
+/// A client still sending when the server closes gets a reset instead of the answer;
+/// reading on (up to this bound) lets it see the 413. Beyond it, the connection is cut.
+const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+
+enum ManifestRead {
+    TooLarge,
+    Failed(String),
+}
+
+/// Reads a pushed manifest body: at most 4 MiB kept; an oversized body is drained up to
+/// [`DRAIN_LIMIT`] so the client gets its 413; every frame must arrive within `idle`.
+async fn read_manifest(mut body: Incoming, idle: Duration) -> Result<Bytes, ManifestRead> {
+    use http_body_util::BodyExt;
+    let mut kept = bytes::BytesMut::new();
+    let mut seen: u64 = 0;
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(ManifestRead::Failed(
+                    "manifest body stalled (idle timeout)".into(),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ManifestRead::Failed(e.to_string())),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen <= oci::MAX_MANIFEST_BYTES as u64 {
+            kept.extend_from_slice(&data);
+        } else if seen > DRAIN_LIMIT {
+            return Err(ManifestRead::TooLarge);
+        }
+    }
+    if seen > oci::MAX_MANIFEST_BYTES as u64 {
+        return Err(ManifestRead::TooLarge);
+    }
+    Ok(kept.freeze())
+}
+
+fn too_large() -> Response<ResponseBody> {
+    crate::error::oci_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "MANIFEST_INVALID",
+        "manifest is larger than 4 MiB; the registry does not store manifests that large",
+    )
+}
+
+/// 400 with one `MANIFEST_BLOB_UNKNOWN` error per problem (the OCI spec's code for missing references).
+fn rejection(problems: &[crate::gate::Problem]) -> Response<ResponseBody> {
+    let errors = problems
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "code": "MANIFEST_BLOB_UNKNOWN",
+                "message": p.message,
+                "detail": p,
+            })
+        })
+        .collect();
+    crate::error::oci_errors(StatusCode::BAD_REQUEST, errors)
+}
+
+/// The user name of a Basic `Authorization` header, for logs (never the password).
+fn basic_user(auth: Option<&HeaderValue>) -> Option<String> {
+    use base64::Engine as _;
+    let v = auth?.to_str().ok()?;
+    let encoded = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(text.split(':').next().unwrap_or("").to_owned())
 }
 
 /// `GET /` on the public listener, as the nginx front answered it.

@@ -126,14 +126,23 @@ pub async fn serve(
         None
     };
 
+    let gate = Arc::new(crate::gate::Gate::new(
+        checker.clone(),
+        settings.gate.clone(),
+        metrics.registry(),
+    )?);
+
     let proxy = Arc::new(Proxy::new(
         settings.upstream.clone(),
         pools.clone(),
         metrics.clone(),
-        settings.idle_timeout,
-        settings.access_log,
-        settings.connect_timeout,
+        crate::proxy::Timing {
+            idle_timeout: settings.idle_timeout,
+            connect_timeout: settings.connect_timeout,
+            access_log: settings.access_log,
+        },
         validation,
+        Some(gate),
     ));
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),

@@ -472,7 +472,7 @@ impl Worker {
         }
         let outcome = self
             .checker
-            .recheck(&b.repository, &desc, b.kind, b.auth.as_ref())
+            .recheck(&b.repository, &desc, b.kind, b.auth.as_ref(), false)
             .await;
         if outcome == Outcome::Ok {
             self.integrity

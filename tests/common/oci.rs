@@ -291,3 +291,63 @@ pub fn push_multi_arch(base: &str, repo: &str, tag: &str, img: &MultiArch, auth:
     let r = put_manifest(base, repo, tag, &img.index, auth);
     assert_eq!(r.status, 201, "put index: {}", r.text());
 }
+
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// A Docker-format multi-arch image: a manifest list of Docker image manifests (no attestations).
+pub fn docker_list(seed: &str) -> MultiArch {
+    let mut images = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let (mut l, diff) = layer("hello.txt", format!("{seed} docker {arch}\n").as_bytes());
+        l.media_type = DOCKER_LAYER.into();
+        let config = Blob::json(
+            DOCKER_CONFIG,
+            &json!({"architecture": arch, "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": [diff]}}),
+        );
+        let manifest = Blob::json(
+            DOCKER_MANIFEST,
+            &json!({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "config": config.descriptor(), "layers": [l.descriptor()]}),
+        );
+        images.push(PlatformImage {
+            platform: ("linux".into(), arch.into()),
+            manifest,
+            config,
+            layers: vec![l],
+        });
+    }
+    let entries: Vec<Value> = images
+        .iter()
+        .map(|i| {
+            let mut d = i.manifest.descriptor();
+            d["platform"] = json!({"os": i.platform.0, "architecture": i.platform.1});
+            d
+        })
+        .collect();
+    let index = Blob::json(
+        DOCKER_LIST,
+        &json!({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": entries}),
+    );
+    MultiArch {
+        index,
+        images,
+        attestations: vec![],
+    }
+}
+
+/// Writes one platform image alone as an OCI layout (a single-platform image).
+pub fn write_image_layout(img: &PlatformImage, dir: &Path, tag: &str) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    for b in std::iter::once(&img.config)
+        .chain(&img.layers)
+        .chain(std::iter::once(&img.manifest))
+    {
+        std::fs::write(blobs.join(b.digest.trim_start_matches("sha256:")), &b.data).unwrap();
+    }
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let mut d = img.manifest.descriptor();
+    d["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
+    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [d]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
