@@ -10,7 +10,9 @@
 //!     own ceiling without the registry's CPU in the way;
 //! (d) regguard's peak RSS while relaying 256 concurrent blob streams;
 //! (e) serve-time validation on vs off, upstream amplification, detection latency
-//!     (`BENCH_ONLY=validation` runs only this part).
+//!     (`BENCH_ONLY=validation` runs only this part);
+//! (f) the push gate: time per manifest PUT, direct vs gate off vs enforce
+//!     (`BENCH_ONLY=gate`).
 //! Settings: BENCH_ROUNDS (default 5), BENCH_SECONDS per load run (default 3).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -566,6 +568,77 @@ fn validation_bench(
     );
 }
 
+/// (f) The push gate: time per manifest PUT, direct vs regguard with the gate off vs enforcing.
+fn gate_bench(reg: &Registry, quiet: &RegguardOptions, rounds: u64) {
+    let with_mode = |mode: &str| {
+        let mut o = quiet.clone();
+        o.env.push(("REGGUARD_GATE_MODE".into(), mode.into()));
+        Regguard::start_with(&reg.url(), o)
+    };
+    let off = with_mode("off");
+    let on = with_mode("enforce");
+    let targets: [(&str, String); 3] = [
+        ("direct", reg.url()),
+        ("regguard, gate off", off.url()),
+        ("regguard, gate enforce", on.url()),
+    ];
+    let mut child_ms: Vec<Vec<f64>> = vec![vec![]; 3];
+    let mut index_ms: Vec<Vec<f64>> = vec![vec![]; 3];
+    let mut heads_per_push = Vec::new();
+    let pushes = rounds * 6;
+    for i in 0..pushes {
+        for (t, (_, base)) in targets.iter().enumerate() {
+            let repo = format!("gate/p{i}t{t}");
+            let img = oci::multi_arch(&format!("gatebench{i}"));
+            for b in img.blobs() {
+                oci::push_blob(base, &repo, b, &[]);
+            }
+            let (_, own0) = registry_requests(reg);
+            for c in img.children() {
+                let t0 = Instant::now();
+                assert_eq!(
+                    oci::put_manifest(base, &repo, &c.manifest.digest, &c.manifest, &[]).status,
+                    201
+                );
+                child_ms[t].push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            let t0 = Instant::now();
+            assert_eq!(
+                oci::put_manifest(base, &repo, "v1", &img.index, &[]).status,
+                201
+            );
+            index_ms[t].push(t0.elapsed().as_secs_f64() * 1000.0);
+            if t == 2 {
+                std::thread::sleep(Duration::from_millis(100)); // access log catch-up
+                let (_, own1) = registry_requests(reg);
+                heads_per_push.push((own1 - own0) as f64);
+            }
+        }
+    }
+    println!("\n### Push gate (multi-arch test image: 4 children, 10 blobs; {pushes} pushes each, interleaved)\n");
+    println!("| path | child manifest PUT p50 ms | index PUT p50 ms | index PUT p99 ms |");
+    println!("|---|---|---|---|");
+    let pct = |v: &Vec<f64>, p: f64| {
+        let mut v = v.clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+    };
+    for (t, (name, _)) in targets.iter().enumerate() {
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} |",
+            pct(&child_ms[t], 0.5),
+            pct(&index_ms[t], 0.5),
+            pct(&index_ms[t], 0.99)
+        );
+    }
+    println!(
+        "\nGate cost per index PUT (p50, enforce − off): {:+.2} ms; per child PUT: {:+.2} ms. Upstream requests the gate made per push (children + index): {:.0} (median).",
+        pct(&index_ms[2], 0.5) - pct(&index_ms[1], 0.5),
+        pct(&child_ms[2], 0.5) - pct(&child_ms[1], 0.5),
+        median(heads_per_push)
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` / criterion-style listing: nothing to list.
@@ -636,6 +709,10 @@ fn main() {
     let manifest_path = "/v2/bench/app/manifests/v1";
     if std::env::var("BENCH_ONLY").as_deref() == Ok("validation") {
         validation_bench(&rt, &reg, &quiet, rounds, secs);
+        return;
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("gate") {
+        gate_bench(&reg, &quiet, rounds);
         return;
     }
     if std::env::var("BENCH_QUICK").is_ok() {
@@ -805,6 +882,7 @@ fn main() {
     }
 
     validation_bench(&rt, &reg, &quiet, rounds, secs);
+    gate_bench(&reg, &quiet, rounds);
 
     // (c) Minimal in-process upstream: the proxies' own ceiling. Its canned manifests do not
     // form a valid image, so validation is off here: this measures forwarding alone.

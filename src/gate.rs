@@ -177,8 +177,14 @@ impl Gate {
     }
 
     /// Remembers a manifest the registry just accepted as present in `repo`.
+    /// Its parsed form is cached too, so an index pushed next needs no GET of this child.
     pub async fn accepted(&self, repo: &str, body: &Bytes, content_type: Option<String>) {
         let digest = oci::sha256_digest(body);
+        let kind = pushed_kind(body, content_type.as_deref());
+        if kind.is_some() {
+            // Only caches; a parse failure here changes nothing about the accepted push.
+            let _ = self.checker.verified(&digest, body, kind).await;
+        }
         self.checker
             .remember_present(
                 repo,
