@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::http::{self, pattern_digest, send, send_body, PatternBody};
+use common::http::{self, send};
 use common::oci::{self, ACCEPT_ALL};
 use common::{Nginx, Regguard, RegguardOptions, Registry, TestCert};
 use http_body_util::{BodyExt, Empty};
@@ -297,6 +297,23 @@ struct Target {
     tls: Option<SocketAddr>,
     pid: Option<u32>,
     samples: Samples,
+}
+
+impl Target {
+    fn new(
+        name: &'static str,
+        plain: SocketAddr,
+        tls: Option<SocketAddr>,
+        pid: Option<u32>,
+    ) -> Self {
+        Target {
+            name,
+            plain,
+            tls,
+            pid,
+            samples: Samples::default(),
+        }
+    }
 }
 
 fn run_suite(
@@ -660,38 +677,8 @@ fn main() {
 
     // Real registry with a 1 GiB blob, a 16 MiB blob and the multi-arch test image.
     let reg = Registry::start();
-    let digest = pattern_digest(GIB);
-    let r = send(
-        "POST",
-        &format!("{}/v2/bench/app/blobs/uploads/", reg.url()),
-        &[],
-        Bytes::new(),
-    );
-    let loc = http::location_url(
-        &reg.url(),
-        r.header("location").unwrap(),
-        &format!("digest={digest}"),
-    );
-    assert_eq!(
-        send_body("PUT", &loc, &[], PatternBody::sized(GIB)).status,
-        201
-    );
-    let small = pattern_digest(STREAM_BLOB);
-    let r = send(
-        "POST",
-        &format!("{}/v2/bench/app/blobs/uploads/", reg.url()),
-        &[],
-        Bytes::new(),
-    );
-    let loc = http::location_url(
-        &reg.url(),
-        r.header("location").unwrap(),
-        &format!("digest={small}"),
-    );
-    assert_eq!(
-        send_body("PUT", &loc, &[], PatternBody::sized(STREAM_BLOB)).status,
-        201
-    );
+    let digest = oci::push_pattern_blob(&reg.url(), "bench/app", GIB);
+    let small = oci::push_pattern_blob(&reg.url(), "bench/app", STREAM_BLOB);
     let img = oci::multi_arch("bench");
     oci::push_multi_arch(&reg.url(), "bench/app", "v1", &img, &[]);
 
@@ -770,57 +757,30 @@ fn main() {
         // One process measured per target: the plain and TLS instances are separate processes,
         // so CPU is read from the plain one for plain runs; TLS runs read the TLS one below.
         let mut targets = vec![
-            Target {
-                name: "direct",
-                plain: reg.addr,
-                tls: None,
-                pid: None,
-                samples: Samples::default(),
-            },
-            Target {
-                name: "nginx front",
-                plain: front.addr,
-                tls: None,
-                pid: Some(front.proc.pid()),
-                samples: Samples::default(),
-            },
-            Target {
-                name: "nginx tuned",
-                plain: tuned.addr,
-                tls: None,
-                pid: Some(tuned.proc.pid()),
-                samples: Samples::default(),
-            },
-            Target {
-                name: "regguard",
-                plain: rg.public,
-                tls: None,
-                pid: Some(rg.proc.pid()),
-                samples: Samples::default(),
-            },
+            Target::new("direct", reg.addr, None, None),
+            Target::new("nginx front", front.addr, None, Some(front.proc.pid())),
+            Target::new("nginx tuned", tuned.addr, None, Some(tuned.proc.pid())),
+            Target::new("regguard", rg.public, None, Some(rg.proc.pid())),
         ];
         let mut tls_targets = [
-            Target {
-                name: "nginx front",
-                plain: front_tls.addr,
-                tls: Some(front_tls.addr),
-                pid: Some(front_tls.proc.pid()),
-                samples: Samples::default(),
-            },
-            Target {
-                name: "nginx tuned",
-                plain: tuned_tls.addr,
-                tls: Some(tuned_tls.addr),
-                pid: Some(tuned_tls.proc.pid()),
-                samples: Samples::default(),
-            },
-            Target {
-                name: "regguard",
-                plain: rg_tls.public,
-                tls: Some(rg_tls.public),
-                pid: Some(rg_tls.proc.pid()),
-                samples: Samples::default(),
-            },
+            Target::new(
+                "nginx front",
+                front_tls.addr,
+                Some(front_tls.addr),
+                Some(front_tls.proc.pid()),
+            ),
+            Target::new(
+                "nginx tuned",
+                tuned_tls.addr,
+                Some(tuned_tls.addr),
+                Some(tuned_tls.proc.pid()),
+            ),
+            Target::new(
+                "regguard",
+                rg_tls.public,
+                Some(rg_tls.public),
+                Some(rg_tls.proc.pid()),
+            ),
         ];
         run_suite(
             &rt,
@@ -899,27 +859,9 @@ fn main() {
     let rg = Regguard::start_with(&format!("http://{up}"), bare);
     let rg_tls = Regguard::start_with(&format!("http://{up}"), bare_tls);
     let mut targets = vec![
-        Target {
-            name: "direct",
-            plain: up,
-            tls: None,
-            pid: None,
-            samples: Samples::default(),
-        },
-        Target {
-            name: "nginx tuned",
-            plain: tuned.addr,
-            tls: None,
-            pid: Some(tuned.proc.pid()),
-            samples: Samples::default(),
-        },
-        Target {
-            name: "regguard",
-            plain: rg.public,
-            tls: None,
-            pid: Some(rg.proc.pid()),
-            samples: Samples::default(),
-        },
+        Target::new("direct", up, None, None),
+        Target::new("nginx tuned", tuned.addr, None, Some(tuned.proc.pid())),
+        Target::new("regguard", rg.public, None, Some(rg.proc.pid())),
     ];
     run_suite(
         &rt,

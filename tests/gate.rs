@@ -7,7 +7,7 @@ mod common;
 use bytes::Bytes;
 use common::http::{self, send, send_body, sha256_digest};
 use common::oci::{self, Blob, ACCEPT_ALL, OCI_INDEX, OCI_MANIFEST};
-use common::{skopeo, Regguard, RegguardOptions, Registry};
+use common::{skopeo, skopeo_round_trip, Regguard, RegguardOptions, Registry};
 use serde_json::{json, Value};
 
 fn gated(reg: &Registry, mode: &str) -> Regguard {
@@ -60,26 +60,13 @@ fn healthy_pushes_of_every_shape_are_accepted_unchanged() {
 
     // Multi-arch with attestations, by skopeo, and back.
     let img = oci::multi_arch("gate-ok");
-    let (src, dst) = (work.path().join("src"), work.path().join("dst"));
-    oci::write_layout(&img, &src, "v1");
     let dest = format!("docker://{}/gate/multi:v1", rg.host());
-    skopeo(&[
-        "copy",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:v1", src.display()),
+    skopeo_round_trip(
+        &img,
         &dest,
-    ]);
-    skopeo(&[
-        "copy",
-        "--all",
-        "--preserve-digests",
-        "--src-tls-verify=false",
-        &dest,
-        &format!("oci:{}:v1", dst.display()),
-    ]);
-    assert_eq!(oci::layout_blobs(&src), oci::layout_blobs(&dst));
+        &["--dest-tls-verify=false"],
+        &["--src-tls-verify=false"],
+    );
     assert_eq!(gate_count(&rg, "accepted"), 5.0, "4 children + the index");
 
     // A single-platform image, by skopeo.

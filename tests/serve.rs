@@ -11,7 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::http::{self, get_hashed, pattern_digest, pattern_range, send, send_body, PatternBody};
 use common::oci::{self, ACCEPT_ALL};
-use common::{poll_until, skopeo, Regguard, RegguardOptions, Registry, RegistryOptions, TestCert};
+use common::{
+    poll_until, skopeo_round_trip, Regguard, RegguardOptions, Registry, RegistryOptions, TestCert,
+};
 
 const GIB: u64 = 1024 * 1024 * 1024;
 
@@ -20,31 +22,14 @@ fn skopeo_copy_all_through_regguard_round_trips_every_digest() {
     let reg = Registry::start();
     let rg = Regguard::start(&reg.url());
     let img = oci::multi_arch("round-trip");
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    let dst = work.path().join("dst");
-    oci::write_layout(&img, &src, "v1");
-
     let dest = format!("docker://{}/test/multi:v1", rg.host());
-    skopeo(&[
-        "copy",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:v1", src.display()),
+    let pulled_dir = skopeo_round_trip(
+        &img,
         &dest,
-    ]);
-    skopeo(&[
-        "copy",
-        "--all",
-        "--preserve-digests",
-        "--src-tls-verify=false",
-        &dest,
-        &format!("oci:{}:v1", dst.display()),
-    ]);
-
-    // Every blob and manifest came back with the same digest and size.
-    assert_eq!(oci::layout_blobs(&src), oci::layout_blobs(&dst));
+        &["--dest-tls-verify=false"],
+        &["--src-tls-verify=false"],
+    );
+    let dst = pulled_dir.path().join("dst");
     let pulled: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dst.join("index.json")).unwrap()).unwrap();
     assert_eq!(pulled["manifests"][0]["digest"], img.index.digest.as_str());
@@ -167,32 +152,13 @@ fn htpasswd_challenge_passes_unchanged_and_credentials_push_and_pull() {
     assert_eq!(proxied.body, direct.body);
 
     let img = oci::multi_arch("auth");
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    let dst = work.path().join("dst");
-    oci::write_layout(&img, &src, "v1");
     let dest = format!("docker://{}/secure/app:v1", rg.host());
-    skopeo(&[
-        "copy",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        "ci:s3cret",
-        &format!("oci:{}:v1", src.display()),
+    skopeo_round_trip(
+        &img,
         &dest,
-    ]);
-    skopeo(&[
-        "copy",
-        "--all",
-        "--preserve-digests",
-        "--src-tls-verify=false",
-        "--src-creds",
-        "ci:s3cret",
-        &dest,
-        &format!("oci:{}:v1", dst.display()),
-    ]);
-    assert_eq!(oci::layout_blobs(&src), oci::layout_blobs(&dst));
+        &["--dest-tls-verify=false", "--dest-creds", "ci:s3cret"],
+        &["--src-tls-verify=false", "--src-creds", "ci:s3cret"],
+    );
 }
 
 #[test]
@@ -233,31 +199,14 @@ fn tls_location_names_regguard_over_https_and_ignores_client_forwarded_host() {
     let certs = tempfile::tempdir().unwrap();
     std::fs::copy(&cert.cert_pem, certs.path().join("ca.crt")).unwrap();
     let img = oci::multi_arch("tls");
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    let dst = work.path().join("dst");
-    oci::write_layout(&img, &src, "v1");
     let dest = format!("docker://{}/tls/app:v1", rg.host());
     let cert_dir = certs.path().display().to_string();
-    skopeo(&[
-        "copy",
-        "--all",
-        "--preserve-digests",
-        "--dest-cert-dir",
-        &cert_dir,
-        &format!("oci:{}:v1", src.display()),
+    skopeo_round_trip(
+        &img,
         &dest,
-    ]);
-    skopeo(&[
-        "copy",
-        "--all",
-        "--preserve-digests",
-        "--src-cert-dir",
-        &cert_dir,
-        &dest,
-        &format!("oci:{}:v1", dst.display()),
-    ]);
-    assert_eq!(oci::layout_blobs(&src), oci::layout_blobs(&dst));
+        &["--dest-cert-dir", &cert_dir],
+        &["--src-cert-dir", &cert_dir],
+    );
 }
 
 fn http_req(method: &str, url: &str) -> ::http::Request<http_body_util::Full<Bytes>> {
@@ -399,21 +348,8 @@ fn read_head(s: &mut TcpStream) -> (String, u64) {
 fn sigterm_lets_an_in_flight_download_finish_then_exits_zero() {
     let reg = Registry::start();
     let size = 256 * 1024 * 1024u64;
-    let digest = pattern_digest(size);
     // Upload straight to the registry; the download goes through regguard.
-    let r = send(
-        "POST",
-        &format!("{}/v2/drain/blob/blobs/uploads/", reg.url()),
-        &[],
-        Bytes::new(),
-    );
-    let loc = http::location_url(
-        &reg.url(),
-        r.header("location").unwrap(),
-        &format!("digest={digest}"),
-    );
-    let r = send_body("PUT", &loc, &[], PatternBody::sized(size));
-    assert_eq!(r.status, 201, "{}", r.text());
+    let digest = oci::push_pattern_blob(&reg.url(), "drain/blob", size);
 
     let mut rg = Regguard::start(&reg.url());
     let mut s = TcpStream::connect(rg.public).unwrap();

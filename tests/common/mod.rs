@@ -462,3 +462,44 @@ pub fn skopeo(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Pushes `img` to `dest` (a `docker://` reference) with `skopeo copy --all --preserve-digests`,
+/// pulls it back into a fresh OCI layout, and asserts every blob and manifest came back with
+/// the same digest and size. `push`/`pull` add transport flags (TLS, credentials).
+/// Returns the dir holding the pulled layout (at `dst`).
+pub fn skopeo_round_trip(
+    img: &oci::MultiArch,
+    dest: &str,
+    push: &[&str],
+    pull: &[&str],
+) -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let dst = work.path().join("dst");
+    oci::write_layout(img, &src, "v1");
+    let copy = ["copy", "--all", "--preserve-digests"];
+    let (src_ref, dst_ref) = (
+        format!("oci:{}:v1", src.display()),
+        format!("oci:{}:v1", dst.display()),
+    );
+    let args: Vec<&str> = copy
+        .iter()
+        .copied()
+        .chain(push.iter().copied())
+        .chain([src_ref.as_str(), dest])
+        .collect();
+    skopeo(&args);
+    let args: Vec<&str> = copy
+        .iter()
+        .copied()
+        .chain(pull.iter().copied())
+        .chain([dest, dst_ref.as_str()])
+        .collect();
+    skopeo(&args);
+    assert_eq!(
+        oci::layout_blobs(&src),
+        oci::layout_blobs(&dst),
+        "skopeo round trip through {dest}"
+    );
+    work
+}

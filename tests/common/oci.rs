@@ -351,3 +351,24 @@ pub fn write_image_layout(img: &PlatformImage, dir: &Path, tag: &str) {
     let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [d]});
     std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
 }
+
+/// Uploads the first `size` bytes of the test pattern as one blob (POST, then a streamed
+/// PUT ?digest=), never holding it in memory. Returns its digest.
+pub fn push_pattern_blob(base: &str, repo: &str, size: u64) -> String {
+    let digest = http::pattern_digest(size);
+    let r = http::send(
+        "POST",
+        &format!("{base}/v2/{repo}/blobs/uploads/"),
+        &[],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 202, "start upload: {}", r.text());
+    let loc = http::location_url(
+        base,
+        r.header("location").unwrap(),
+        &format!("digest={digest}"),
+    );
+    let r = http::send_body("PUT", &loc, &[], http::PatternBody::sized(size));
+    assert_eq!(r.status, 201, "upload of {size} bytes: {}", r.text());
+    digest
+}
