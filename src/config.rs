@@ -137,6 +137,21 @@ struct FileConfig {
     metrics: MetricsFile,
     #[serde(default)]
     gate: GateFile,
+    #[serde(default)]
+    scan: ScanFile,
+}
+
+/// `[scan]`: the background whole-registry scan.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScanFile {
+    enabled: Option<bool>,
+    interval: Option<DurationValue>,
+    concurrency: Option<usize>,
+    rate: Option<u32>,
+    page_size: Option<u32>,
+    /// A file holding `user:password` for the scan's requests.
+    credentials_file: Option<PathBuf>,
 }
 
 /// `[gate]`: the push gate.
@@ -273,6 +288,17 @@ pub struct Settings {
     pub validate: ValidateSettings,
     pub metrics: MetricsSettings,
     pub gate: crate::gate::GateSettings,
+    pub scan: crate::scan::ScanSettings,
+}
+
+/// `Basic` credentials from `user:password`.
+pub fn basic_auth(user_colon_password: &str) -> Result<HeaderValue, String> {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD
+        .encode(user_colon_password.trim_end_matches(['\n', '\r']));
+    let mut v = HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|e| e.to_string())?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// Validated `[validate]` settings.
@@ -469,7 +495,58 @@ impl Settings {
                 .unwrap_or(crate::gate::GateDepth::Deep),
             max_depth: validate.max_depth,
         };
+        let sc = file.scan;
+        let scan_auth = match (
+            section_env("scan", "user"),
+            section_env("scan", "password"),
+            &sc.credentials_file,
+        ) {
+            (Some(u), Some(p), _) => Some(
+                basic_auth(&format!("{u}:{p}")).map_err(|e| invalid("scan.credentials_file", e))?,
+            ),
+            (_, _, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid("scan.credentials_file", format!("{}: {e}", path.display()))
+                })?;
+                if !text.contains(':') {
+                    return Err(invalid(
+                        "scan.credentials_file",
+                        format!("{}: expected user:password", path.display()),
+                    ));
+                }
+                Some(basic_auth(text.trim()).map_err(|e| invalid("scan.credentials_file", e))?)
+            }
+            _ => None,
+        };
+        let scan = crate::scan::ScanSettings {
+            enabled: parse_env("scan.enabled", "scan", "enabled")?
+                .or(sc.enabled)
+                .unwrap_or(false),
+            interval: duration(
+                "scan.interval",
+                section_env("scan", "interval"),
+                sc.interval,
+                "15m",
+            )?,
+            concurrency: parse_env("scan.concurrency", "scan", "concurrency")?
+                .or(sc.concurrency)
+                .unwrap_or(4),
+            rate: parse_env("scan.rate", "scan", "rate")?
+                .or(sc.rate)
+                .unwrap_or(50),
+            page_size: parse_env("scan.page_size", "scan", "page_size")?
+                .or(sc.page_size)
+                .unwrap_or(100),
+            auth: scan_auth,
+        };
+        if scan.concurrency == 0 || scan.rate == 0 || scan.page_size == 0 {
+            return Err(invalid(
+                "scan",
+                "concurrency, rate and page_size must be at least 1",
+            ));
+        }
         let settings = Settings {
+            scan,
             gate,
             validate,
             metrics,

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod oci;
 pub mod proxy;
 pub mod route;
+pub mod scan;
 pub mod server;
 pub mod tls;
 pub mod upstream;

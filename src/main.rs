@@ -22,6 +22,37 @@ enum Command {
     /// :5050 block it replaces. Every flag is also a REGGUARD_<NAME> environment variable and a
     /// key of the --config TOML file; flags beat the environment, which beats the file.
     Serve(ServeArgs),
+    /// Scan a whole registry once: every tag of every repository, index children, and each
+    /// image's config and layers. Exit 0: healthy; 1: broken references found; 2: could not scan.
+    Scan(ScanArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ScanArgs {
+    /// The registry, e.g. http://registry-private:5000.
+    #[arg(long, env = "REGGUARD_REGISTRY", value_name = "URL")]
+    registry: String,
+    /// Credentials as USER:PASSWORD (also REGGUARD_USER / REGGUARD_PASSWORD).
+    #[arg(long, value_name = "USER:PASSWORD")]
+    user: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
+    /// Allow plain HTTP (required for http:// registries).
+    #[arg(long)]
+    insecure: bool,
+    /// Catalog and tag-list page size.
+    #[arg(long, default_value_t = 100)]
+    page_size: u32,
+    /// Tags checked at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 fn init_logging(format: LogFormat) {
@@ -45,6 +76,95 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Scan(args) => scan(args),
+    }
+}
+
+fn scan(args: ScanArgs) -> ExitCode {
+    let fail = |msg: &str| {
+        eprintln!("regguard scan: {msg}");
+        ExitCode::from(2)
+    };
+    if args.registry.starts_with("https://") {
+        return fail("https:// registries are not supported by `regguard scan` yet; scan the registry's plain-HTTP address with --insecure");
+    }
+    if !args.insecure {
+        return fail("refusing plain HTTP without --insecure (credentials and results would cross the network in clear text)");
+    }
+    let user = args.user.clone().or_else(|| {
+        let u = std::env::var("REGGUARD_USER").ok()?;
+        let p = std::env::var("REGGUARD_PASSWORD").ok()?;
+        Some(format!("{u}:{p}"))
+    });
+    let auth = match user.map(|u| regguard::config::basic_auth(&u)).transpose() {
+        Ok(a) => a,
+        Err(e) => return fail(&format!("--user: {e}")),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    let result = runtime.block_on(regguard::scan::scan_once(
+        &args.registry,
+        auth,
+        args.page_size,
+        args.concurrency,
+    ));
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    match args.format {
+        OutputFormat::Json => match serde_json::to_string_pretty(&result) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(&e.to_string()),
+        },
+        OutputFormat::Text => {
+            let r = &result.report;
+            println!("registry        {}", result.registry);
+            println!(
+                "catalog         {}",
+                if r.catalog_accessible {
+                    "readable"
+                } else {
+                    "NOT readable"
+                }
+            );
+            println!("repositories    {}", r.repositories);
+            println!("tags            {}", r.tags);
+            println!("indexes         {}", r.indexes);
+            println!("broken refs     {}", r.broken_references);
+            println!("errors          {}", r.errors);
+            println!("took            {:.1}s", r.duration_seconds);
+            for b in &result.broken {
+                println!(
+                    "BROKEN {}:{} index {} -> {} {} ({}): {}",
+                    b.repository,
+                    b.reference,
+                    b.index_digest,
+                    b.kind.as_str(),
+                    b.child_digest,
+                    if b.platform.is_empty() {
+                        "-"
+                    } else {
+                        &b.platform
+                    },
+                    b.upstream_said
+                );
+            }
+        }
+    }
+    if !result.report.catalog_accessible {
+        ExitCode::from(2)
+    } else if !result.broken.is_empty() {
+        ExitCode::from(1)
+    } else if result.report.errors > 0 {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -112,19 +112,28 @@ pub async fn serve(
         &settings.metrics.instance,
         settings.metrics.max_broken_series,
     )?);
-    let validation = if settings.validate.enabled {
-        Some(crate::proxy::Validation {
-            validator: crate::validate::Validator::start(
-                settings.validate.clone(),
-                checker.clone(),
-                integrity.clone(),
-                metrics.registry(),
-            )?,
-            blobs: settings.validate.blobs,
-        })
-    } else {
-        None
-    };
+    // The validator's inspector also serves the scan, so both reach the same verdicts.
+    let validator = crate::validate::Validator::start(
+        settings.validate.clone(),
+        checker.clone(),
+        integrity.clone(),
+        metrics.registry(),
+    )?;
+    if settings.scan.enabled {
+        let scanner = Arc::new(crate::scan::Scanner::new(
+            pools.lean().clone(),
+            settings.upstream.clone(),
+            validator.inspector(),
+            settings.scan.clone(),
+            metrics.registry(),
+            &settings.metrics.instance,
+        )?);
+        tokio::spawn(scanner.run_forever());
+    }
+    let validation = settings.validate.enabled.then(|| crate::proxy::Validation {
+        validator,
+        blobs: settings.validate.blobs,
+    });
 
     let gate = Arc::new(crate::gate::Gate::new(
         checker.clone(),

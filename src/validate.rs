@@ -49,9 +49,15 @@ struct ValidateMetrics {
     not_found: IntCounterVec,
 }
 
-/// The validator: queue, workers, and what it has seen referenced.
+/// The validator: the queue the forwarding path submits to, and its workers.
 pub struct Validator {
     tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    inspector: Arc<Inspector>,
+}
+
+/// What the validator and its inspector share: metrics and what has been seen.
+struct Shared {
     metrics: ValidateMetrics,
     /// (repository, digest) of every child and blob of a manifest seen: a 404 for one of
     /// these reaching a client is a real client hitting a hole.
@@ -61,12 +67,13 @@ pub struct Validator {
     recent_ok: Cache<(Arc<str>, Arc<str>), ()>,
 }
 
-/// What a worker needs.
-struct Worker {
+/// Validates one manifest against what it references, and records the findings. Used by the
+/// queue's workers, and directly by the scan, so every caller reaches the same verdicts.
+pub struct Inspector {
     checker: Arc<Checker>,
     integrity: Arc<Integrity>,
     settings: ValidateSettings,
-    validator: Arc<Validator>,
+    shared: Arc<Shared>,
 }
 
 /// The summary of one validation.
@@ -75,6 +82,17 @@ struct Tally {
     broken: usize,
     unauthorized: usize,
     errors: usize,
+}
+
+/// What one validation found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// ok | broken | unauthorized | error | gone (the manifest no longer exists)
+    pub result: &'static str,
+    /// The manifest was an index (or manifest list).
+    pub index: bool,
+    /// Broken references found.
+    pub broken: usize,
 }
 
 impl Validator {
@@ -129,8 +147,7 @@ impl Validator {
         }
 
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
-        let validator = Arc::new(Validator {
-            tx,
+        let shared = Arc::new(Shared {
             metrics: ValidateMetrics {
                 index_checks,
                 queue_depth,
@@ -147,22 +164,31 @@ impl Validator {
                 .time_to_live(settings.ok_ttl)
                 .build(),
         });
-        let worker = Arc::new(Worker {
+        let inspector = Arc::new(Inspector {
             checker,
             integrity,
             settings,
-            validator: validator.clone(),
+            shared: shared.clone(),
         });
-        tokio::spawn(dispatch(rx, worker.clone()));
-        tokio::spawn(recheck_loop(worker));
-        Ok(validator)
+        tokio::spawn(dispatch(rx, inspector.clone()));
+        tokio::spawn(recheck_loop(inspector.clone()));
+        Ok(Arc::new(Validator {
+            tx,
+            shared,
+            inspector,
+        }))
+    }
+
+    /// The inspector, for callers that validate synchronously (the scan).
+    pub fn inspector(&self) -> Arc<Inspector> {
+        self.inspector.clone()
     }
 
     /// Queues a job; never waits. A full queue drops the job and counts it.
     pub fn submit(&self, job: Job) {
         match self.tx.try_send(job) {
-            Ok(()) => self.metrics.queue_depth.inc(),
-            Err(_) => self.metrics.dropped.inc(),
+            Ok(()) => self.shared.metrics.queue_depth.inc(),
+            Err(_) => self.shared.metrics.dropped.inc(),
         }
     }
 
@@ -170,10 +196,15 @@ impl Validator {
     /// the caller need not tap or queue anything.
     pub fn recently_ok(&self, repository: &str, digest: &str, kind: ManifestKind) -> bool {
         let hit = self
+            .shared
             .recent_ok
             .contains_key(&(Arc::from(repository), Arc::from(digest)));
         if hit && kind == ManifestKind::Index {
-            self.metrics.index_checks.with_label_values(&["ok"]).inc();
+            self.shared
+                .metrics
+                .index_checks
+                .with_label_values(&["ok"])
+                .inc();
         }
         hit
     }
@@ -181,14 +212,18 @@ impl Validator {
     /// Counts a 404 passed to a client for a manifest or blob by digest.
     pub fn client_not_found(&self, kind: RefKind, repository: &str, digest: &str) {
         let referenced = self
+            .shared
             .referenced
             .contains_key(&(Arc::from(repository), Arc::from(digest)));
-        self.metrics
+        self.shared
+            .metrics
             .not_found
             .with_label_values(&[kind.as_str(), if referenced { "true" } else { "false" }])
             .inc();
     }
+}
 
+impl Shared {
     fn remember_references(&self, repository: &str, m: &Manifest) {
         let repo: Arc<str> = Arc::from(repository);
         for d in m.references() {
@@ -198,10 +233,10 @@ impl Validator {
     }
 }
 
-async fn dispatch(mut rx: mpsc::Receiver<Job>, worker: Arc<Worker>) {
+async fn dispatch(mut rx: mpsc::Receiver<Job>, worker: Arc<Inspector>) {
     let permits = Arc::new(Semaphore::new(worker.settings.workers));
     while let Some(job) = rx.recv().await {
-        worker.validator.metrics.queue_depth.dec();
+        worker.shared.metrics.queue_depth.dec();
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
@@ -222,8 +257,9 @@ struct Node<'a> {
     seen_at: Instant,
 }
 
-impl Worker {
-    async fn validate(&self, job: Job) {
+impl Inspector {
+    /// Validates one manifest and records what it finds in the integrity state.
+    pub async fn validate(&self, job: Job) -> Summary {
         let result = self.resolve(&job).await;
         let (digest, manifest) = match result {
             Ok(v) => v,
@@ -235,7 +271,11 @@ impl Worker {
                         if let Some(d) = &job.digest {
                             self.integrity.remove_index(&job.repository, d);
                         }
-                        return;
+                        return Summary {
+                            result: "gone",
+                            index: job.kind == ManifestKind::Index,
+                            broken: 0,
+                        };
                     }
                     _ => "error",
                 };
@@ -249,11 +289,14 @@ impl Worker {
                     );
                 }
                 self.count_index(job.kind, label);
-                return;
+                return Summary {
+                    result: label,
+                    index: job.kind == ManifestKind::Index,
+                    broken: 0,
+                };
             }
         };
-        self.validator
-            .remember_references(&job.repository, &manifest);
+        self.shared.remember_references(&job.repository, &manifest);
         let node = Node {
             repository: &job.repository,
             reference: &job.reference,
@@ -278,7 +321,7 @@ impl Worker {
         } else if tally.errors > 0 {
             "error"
         } else {
-            self.validator.recent_ok.insert(
+            self.shared.recent_ok.insert(
                 (
                     Arc::from(job.repository.as_str()),
                     Arc::from(digest.as_str()),
@@ -287,12 +330,25 @@ impl Worker {
             );
             "ok"
         };
-        self.count_index(job.kind, label);
+        let is_index = matches!(manifest.as_ref(), Manifest::Index { .. });
+        self.count_index(
+            if is_index {
+                ManifestKind::Index
+            } else {
+                ManifestKind::Image
+            },
+            label,
+        );
+        Summary {
+            result: label,
+            index: is_index,
+            broken: tally.broken,
+        }
     }
 
     fn count_index(&self, kind: ManifestKind, label: &str) {
         if kind == ManifestKind::Index {
-            self.validator
+            self.shared
                 .metrics
                 .index_checks
                 .with_label_values(&[label])
@@ -368,7 +424,7 @@ impl Worker {
                 .await
             {
                 Ok(m) => {
-                    self.validator.remember_references(node.repository, &m);
+                    self.shared.remember_references(node.repository, &m);
                     match m.as_ref() {
                         Manifest::Index { manifests } => {
                             Box::pin(self.walk_index(node, manifests, depth + 1, tally)).await
@@ -438,7 +494,7 @@ impl Worker {
                     size: d.size,
                 });
                 if fresh {
-                    self.validator
+                    self.shared
                         .metrics
                         .detection
                         .observe(node.seen_at.elapsed().as_secs_f64());
@@ -481,7 +537,7 @@ impl Worker {
     }
 }
 
-async fn recheck_loop(worker: Arc<Worker>) {
+async fn recheck_loop(worker: Arc<Inspector>) {
     let period = worker.settings.missing_ttl.max(Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

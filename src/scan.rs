@@ -1,0 +1,490 @@
+//! The whole-registry scan: every tag of every repository, validated through
+//! the same [`Inspector`] (and so the same checker, cache and integrity state)
+//! as serve-time validation. It exports the cron probe's gauges, with the same
+//! names and meaning, so the existing alerts keep working and the CronJob can go.
+//!
+//! The walk follows pagination (`n` and the `Link` header) for the catalog and
+//! for each tag list, bounds its concurrency, and paces its requests, so a scan
+//! never starves client traffic.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use serde::Serialize;
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::body::UpstreamBody;
+use crate::config::Upstream;
+use crate::oci::{self, ManifestKind, MAX_MANIFEST_BYTES};
+use crate::upstream::{user_agent, UpstreamClient};
+use crate::validate::{Inspector, Job};
+
+/// How a scan walks.
+#[derive(Debug, Clone)]
+pub struct ScanSettings {
+    /// Run in the background every `interval` (serve only).
+    pub enabled: bool,
+    pub interval: Duration,
+    /// Tags validated at once.
+    pub concurrency: usize,
+    /// Upstream listing/manifest requests per second at most (checks ride the shared cache).
+    pub rate: u32,
+    /// Page size for the catalog and tag lists.
+    pub page_size: u32,
+    /// `Authorization` for the scan's own requests (service credentials). Never logged.
+    pub auth: Option<HeaderValue>,
+}
+
+/// What one scan found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScanReport {
+    pub catalog_accessible: bool,
+    pub repositories: usize,
+    pub tags: usize,
+    pub indexes: usize,
+    /// Tags whose manifest has at least one broken reference.
+    pub broken_tags: usize,
+    /// Broken references found by this scan.
+    pub broken_references: usize,
+    pub errors: usize,
+    pub duration_seconds: f64,
+}
+
+struct ScanMetrics {
+    catalog_accessible: IntGauge,
+    repos: IntGauge,
+    tags: IntGauge,
+    indexes: IntGauge,
+    last_run: IntGauge,
+    duration: Histogram,
+    errors: IntCounter,
+}
+
+/// The scanner.
+pub struct Scanner {
+    client: UpstreamClient,
+    upstream: Upstream,
+    inspector: Arc<Inspector>,
+    settings: ScanSettings,
+    metrics: ScanMetrics,
+    pacer: Mutex<Instant>,
+}
+
+fn probe_gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    instance: &str,
+) -> Result<IntGauge, prometheus::Error> {
+    let v = IntGaugeVec::new(Opts::new(name, help), &["instance"])?;
+    registry.register(Box::new(v.clone()))?;
+    v.get_metric_with_label_values(&[instance])
+}
+
+impl Scanner {
+    pub fn new(
+        client: UpstreamClient,
+        upstream: Upstream,
+        inspector: Arc<Inspector>,
+        settings: ScanSettings,
+        registry: &Registry,
+        instance: &str,
+    ) -> Result<Self, prometheus::Error> {
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "regguard_scan_duration_seconds",
+                "Duration of whole-registry scans",
+            )
+            .buckets(vec![
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+            ]),
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        let errors = IntCounter::new(
+            "regguard_scan_errors_total",
+            "Listings or manifests a scan could not read",
+        )?;
+        registry.register(Box::new(errors.clone()))?;
+        let metrics = ScanMetrics {
+            catalog_accessible: probe_gauge(
+                registry,
+                "registry_manifest_integrity_catalog_accessible",
+                "1 if the last scan could read the catalog",
+                instance,
+            )?,
+            repos: probe_gauge(
+                registry,
+                "registry_manifest_integrity_repos_checked",
+                "Repositories the last scan walked",
+                instance,
+            )?,
+            tags: probe_gauge(
+                registry,
+                "registry_manifest_integrity_tags_checked",
+                "Tags the last scan checked",
+                instance,
+            )?,
+            indexes: probe_gauge(
+                registry,
+                "registry_manifest_integrity_indexes_checked",
+                "Indexes the last scan validated",
+                instance,
+            )?,
+            last_run: probe_gauge(
+                registry,
+                "registry_manifest_integrity_last_run_timestamp",
+                "Unix time the last scan finished",
+                instance,
+            )?,
+            duration,
+            errors,
+        };
+        Ok(Scanner {
+            client,
+            upstream,
+            inspector,
+            settings,
+            metrics,
+            pacer: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Runs scans every `interval`, forever.
+    pub async fn run_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let r = self.scan().await;
+            tracing::info!(
+                repositories = r.repositories,
+                tags = r.tags,
+                indexes = r.indexes,
+                broken_references = r.broken_references,
+                errors = r.errors,
+                duration_s = r.duration_seconds,
+                "scan finished"
+            );
+        }
+    }
+
+    /// Waits for the next request slot (at most `rate` per second).
+    async fn pace(&self) {
+        let period = Duration::from_secs_f64(1.0 / f64::from(self.settings.rate.max(1)));
+        let slot = {
+            let mut next = self.pacer.lock().await;
+            let now = Instant::now();
+            let slot = (*next).max(now);
+            *next = slot + period;
+            slot
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
+
+    async fn get(
+        &self,
+        path_and_query: &str,
+        accept: Option<&'static str>,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
+        self.pace().await;
+        let uri = self
+            .upstream
+            .uri_for(path_and_query)
+            .map_err(|e| e.to_string())?;
+        let mut req = Request::get(uri)
+            .header(header::HOST, self.upstream.host_header.clone())
+            .header(header::USER_AGENT, user_agent())
+            .body(UpstreamBody::empty())
+            .map_err(|e| e.to_string())?;
+        if let Some(a) = accept {
+            req.headers_mut()
+                .insert(header::ACCEPT, HeaderValue::from_static(a));
+        }
+        if let Some(a) = &self.settings.auth {
+            req.headers_mut().insert(header::AUTHORIZATION, a.clone());
+        }
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+            .await
+            .map_err(|_| format!("GET {path_and_query}: no answer within 30s"))?
+            .map_err(|e| format!("GET {path_and_query}: {e}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, MAX_MANIFEST_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("GET {path_and_query}: reading body: {e}"))?
+            .to_bytes();
+        Ok((parts.status, parts.headers, body))
+    }
+
+    /// Follows `n` + `Link` pagination, collecting `field` (a string array) from each page.
+    async fn paged(&self, first: String, field: &str) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        let mut next = Some(first);
+        while let Some(path) = next.take() {
+            let (status, headers, body) = self.get(&path, None).await?;
+            if !status.is_success() {
+                return Err(format!("GET {path}: {status}"));
+            }
+            let v: serde_json::Value =
+                serde_json::from_slice(&body).map_err(|e| format!("GET {path}: {e}"))?;
+            if let Some(items) = v.get(field).and_then(|x| x.as_array()) {
+                out.extend(items.iter().filter_map(|i| i.as_str().map(str::to_owned)));
+            }
+            next = headers
+                .get(header::LINK)
+                .and_then(|l| l.to_str().ok())
+                .and_then(next_link);
+        }
+        Ok(out)
+    }
+
+    /// One whole scan; updates the probe gauges.
+    pub async fn scan(self: &Arc<Self>) -> ScanReport {
+        let started = Instant::now();
+        let n = self.settings.page_size;
+        let mut report = ScanReport::default();
+        let repos = match self
+            .paged(format!("/v2/_catalog?n={n}"), "repositories")
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "scan: cannot read the catalog");
+                self.metrics.errors.inc();
+                report.errors += 1;
+                report.duration_seconds = started.elapsed().as_secs_f64();
+                self.finish(&report, started);
+                return report;
+            }
+        };
+        report.catalog_accessible = true;
+        let permits = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for repo in repos {
+            report.repositories += 1;
+            let tags = match self
+                .paged(format!("/v2/{repo}/tags/list?n={n}"), "tags")
+                .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(repository = %repo, error = %e, "scan: cannot list tags");
+                    self.metrics.errors.inc();
+                    report.errors += 1;
+                    continue;
+                }
+            };
+            for tag in tags {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let me = self.clone();
+                let repo = repo.clone();
+                tasks.spawn(async move {
+                    let r = me.tag(&repo, &tag).await;
+                    drop(permit);
+                    r
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(TagResult::Checked { index, broken }) => {
+                    report.tags += 1;
+                    report.indexes += usize::from(index);
+                    report.broken_references += broken;
+                    report.broken_tags += usize::from(broken > 0);
+                }
+                Ok(TagResult::Failed) | Err(_) => {
+                    report.tags += 1;
+                    report.errors += 1;
+                    self.metrics.errors.inc();
+                }
+            }
+        }
+        report.duration_seconds = started.elapsed().as_secs_f64();
+        self.finish(&report, started);
+        report
+    }
+
+    fn finish(&self, report: &ScanReport, started: Instant) {
+        let elapsed = started.elapsed().as_secs_f64();
+        self.metrics.duration.observe(elapsed);
+        self.metrics
+            .catalog_accessible
+            .set(i64::from(report.catalog_accessible));
+        self.metrics.repos.set(report.repositories as i64);
+        self.metrics.tags.set(report.tags as i64);
+        self.metrics.indexes.set(report.indexes as i64);
+        self.metrics
+            .last_run
+            .set(crate::integrity::now_epoch() as i64);
+    }
+
+    async fn tag(&self, repo: &str, tag: &str) -> TagResult {
+        let path = format!("/v2/{repo}/manifests/{tag}");
+        let (status, headers, body) = match self.get(&path, Some(oci::ACCEPT_ALL)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(repository = repo, tag, error = %e, "scan: cannot read manifest");
+                return TagResult::Failed;
+            }
+        };
+        if status != StatusCode::OK {
+            tracing::warn!(
+                repository = repo,
+                tag,
+                status = status.as_u16(),
+                "scan: manifest by tag not served"
+            );
+            return TagResult::Failed;
+        }
+        let kind = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(oci::manifest_kind);
+        let Some(kind) = kind else {
+            // Schema 1 or an artifact type the validator does not read: checked as present.
+            return TagResult::Checked {
+                index: false,
+                broken: 0,
+            };
+        };
+        let job = Job {
+            repository: repo.to_owned(),
+            reference: tag.to_owned(),
+            digest: headers
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            body: Some(body),
+            kind,
+            auth: self.settings.auth.clone(),
+            seen_at: Instant::now(),
+        };
+        let summary = self.inspector.validate(job).await;
+        match summary.result {
+            "error" => TagResult::Failed,
+            _ => TagResult::Checked {
+                index: kind == ManifestKind::Index,
+                broken: summary.broken,
+            },
+        }
+    }
+}
+
+enum TagResult {
+    Checked { index: bool, broken: usize },
+    Failed,
+}
+
+/// The target of `Link: <...>; rel="next"`.
+fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let part = part.trim();
+        if !part.contains("rel=\"next\"") {
+            return None;
+        }
+        let start = part.find('<')? + 1;
+        let end = part.find('>')?;
+        let target = &part[start..end];
+        // Registries send a path; some send an absolute URL: keep the path and query.
+        let path = match target.find("/v2/") {
+            Some(i) => &target[i..],
+            None => target,
+        };
+        Some(path.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_link_reads_distribution_and_absolute_forms() {
+        assert_eq!(
+            next_link(r#"</v2/_catalog?last=b&n=2>; rel="next""#).as_deref(),
+            Some("/v2/_catalog?last=b&n=2")
+        );
+        assert_eq!(
+            next_link(r#"<https://reg.example/v2/a/tags/list?n=5&last=t4>; rel="next""#).as_deref(),
+            Some("/v2/a/tags/list?n=5&last=t4")
+        );
+        assert_eq!(next_link(r#"</v2/x>; rel="prev""#), None);
+    }
+}
+
+/// What `regguard scan` found: the report and every broken reference.
+#[derive(Debug, Serialize)]
+pub struct OnceResult {
+    pub registry: String,
+    pub report: ScanReport,
+    pub broken: Vec<crate::integrity::BrokenRef>,
+}
+
+/// One scan of `registry` (an `http://` URL) outside `serve`, for the CLI.
+pub async fn scan_once(
+    registry: &str,
+    auth: Option<HeaderValue>,
+    page_size: u32,
+    concurrency: usize,
+) -> Result<OnceResult, String> {
+    let upstream = Upstream::parse(registry).map_err(|e| e.to_string())?;
+    let defaults = crate::config::Settings::from_toml("").map_err(|e| e.to_string())?;
+    let metrics = Registry::new();
+    let pools = crate::upstream::Pools::new(Duration::from_secs(10));
+    let checker = Arc::new(
+        crate::checker::Checker::new(
+            pools.lean().clone(),
+            upstream.clone(),
+            crate::checker::CheckerSettings {
+                ok_ttl: defaults.validate.ok_ttl,
+                missing_ttl: defaults.validate.missing_ttl,
+                check_timeout: defaults.validate.check_timeout,
+                manifest_cache_bytes: 64 * 1024 * 1024,
+                presence_entries: 200_000,
+            },
+            &metrics,
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let integrity = Arc::new(
+        crate::integrity::Integrity::new(&metrics, "cli", usize::MAX).map_err(|e| e.to_string())?,
+    );
+    let validator = crate::validate::Validator::start(
+        defaults.validate.clone(),
+        checker,
+        integrity.clone(),
+        &metrics,
+    )
+    .map_err(|e| e.to_string())?;
+    let scanner = Arc::new(
+        Scanner::new(
+            pools.lean().clone(),
+            upstream,
+            validator.inspector(),
+            ScanSettings {
+                enabled: false,
+                interval: Duration::from_secs(3600),
+                concurrency,
+                rate: 1000,
+                page_size,
+                auth,
+            },
+            &metrics,
+            "cli",
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let report = scanner.scan().await;
+    Ok(OnceResult {
+        registry: registry.to_owned(),
+        report,
+        broken: integrity.snapshot(),
+    })
+}
