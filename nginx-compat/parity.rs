@@ -309,3 +309,32 @@ fn nginx_front_and_regguard_give_the_same_answers_to_the_same_sequence() {
     assert!(head.contains_key("content-length"), "{head:?}");
     assert!(step("unknown manifest").body.contains("MANIFEST_UNKNOWN"));
 }
+
+#[test]
+fn nginx_in_front_of_regguard_keeps_https_location_when_trusted() {
+    let reg = Registry::start();
+    let cert = common::TestCert::generate();
+    let tls = Some((cert.cert_pem.as_path(), cert.key_pem.as_path()));
+    for (trusted, scheme) in [(true, "https"), (false, "http")] {
+        let mut opts = common::RegguardOptions::default();
+        if trusted {
+            opts.args = vec!["--trusted-proxies".into(), "127.0.0.1".into()];
+        }
+        let rg = Regguard::start_with(&reg.url(), opts);
+        let nginx = Nginx::start_with("nginx-in-front.conf", rg.public, tls);
+        let req = ::http::Request::builder()
+            .method("POST")
+            .uri("/v2/front/app/blobs/uploads/")
+            .header("host", nginx.addr.to_string())
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        let (_, r) = common::http::https_send(nginx.addr, &cert.cert_der, false, req);
+        assert_eq!(r.status, 202, "{}", r.text());
+        let loc = r.header("location").unwrap();
+        let want = format!("{scheme}://{}/v2/front/app/blobs/uploads/", nginx.addr);
+        assert!(
+            loc.starts_with(&want),
+            "trusted={trusted}: {loc} should start with {want}"
+        );
+    }
+}

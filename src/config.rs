@@ -114,6 +114,15 @@ pub struct ServeArgs {
     /// One log line per request (true|false) [default: true].
     #[arg(long, env = "REGGUARD_ACCESS_LOG", value_name = "BOOL")]
     pub access_log: Option<bool>,
+    /// Peers (IP addresses, comma-separated) whose X-Forwarded-Proto and X-Real-IP are kept: a
+    /// TLS-terminating proxy in front of regguard [default: none].
+    #[arg(
+        long,
+        env = "REGGUARD_TRUSTED_PROXIES",
+        value_name = "IPS",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// The TOML file: the same keys as the flags.
@@ -131,6 +140,7 @@ struct FileConfig {
     connect_timeout: Option<DurationValue>,
     drain_timeout: Option<DurationValue>,
     access_log: Option<bool>,
+    trusted_proxies: Option<Vec<String>>,
     #[serde(default)]
     validate: ValidateFile,
     #[serde(default)]
@@ -285,6 +295,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub access_log: bool,
+    /// Peers whose forwarding headers are trusted.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     pub validate: ValidateSettings,
     pub metrics: MetricsSettings,
     pub gate: crate::gate::GateSettings,
@@ -545,7 +557,20 @@ impl Settings {
                 "concurrency, rate and page_size must be at least 1",
             ));
         }
+        let trusted_proxies = args
+            .trusted_proxies
+            .or(file.trusted_proxies)
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .map_err(|_| invalid("trusted_proxies", format!("`{s}` is not an IP address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let settings = Settings {
+            trusted_proxies,
             scan,
             gate,
             validate,

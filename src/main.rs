@@ -21,7 +21,7 @@ enum Command {
     /// Serve the registry front: stream every request to the upstream registry, like the nginx
     /// :5050 block it replaces. Every flag is also a REGGUARD_<NAME> environment variable and a
     /// key of the --config TOML file; flags beat the environment, which beats the file.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Scan a whole registry once: every tag of every repository, index children, and each
     /// image's config and layers. Exit 0: healthy; 1: broken references found; 2: could not scan.
     Scan(ScanArgs),
@@ -75,7 +75,7 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Scan(args) => scan(args),
     }
 }

@@ -40,6 +40,8 @@ use crate::validate::{Job, Validator};
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
+    /// The peer is a proxy listed in `trusted_proxies`: its X-Forwarded-Proto and X-Real-IP stand.
+    pub trusted: bool,
 }
 
 /// The forwarding path's shared state.
@@ -622,6 +624,11 @@ pub fn rewrite_request_headers(
     }
 
     let ip = conn.remote.ip().to_string();
+    let forwarded_proto = headers
+        .get(&X_FORWARDED_PROTO)
+        .filter(|v| conn.trusted && (*v == "https" || *v == "http"))
+        .cloned();
+    let real_ip = headers.get(&X_REAL_IP).filter(|_| conn.trusted).cloned();
     // nginx's $proxy_add_x_forwarded_for: the client's list, then the peer address.
     let mut xff = String::new();
     for v in headers.get_all(&X_FORWARDED_FOR) {
@@ -636,13 +643,19 @@ pub fn rewrite_request_headers(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&ip) {
-        headers.insert(&X_REAL_IP, v);
+    match real_ip {
+        Some(v) => {
+            headers.insert(&X_REAL_IP, v);
+        }
+        None => {
+            if let Ok(v) = HeaderValue::from_str(&ip) {
+                headers.insert(&X_REAL_IP, v);
+            }
+        }
     }
-    headers.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
+    let proto = forwarded_proto
+        .unwrap_or_else(|| HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
+    headers.insert(&X_FORWARDED_PROTO, proto);
 }
 
 /// One request/response exchange: counted and logged once, when it ends.
@@ -731,6 +744,7 @@ mod tests {
         ConnInfo {
             remote: "10.1.2.3:4444".parse().unwrap(),
             tls,
+            trusted: false,
         }
     }
 
@@ -768,6 +782,28 @@ mod tests {
         assert!(!h.contains_key("x-hop"));
         assert!(!h.contains_key(header::EXPECT));
         assert_eq!(h[header::AUTHORIZATION], "Basic eDp5");
+    }
+
+    #[test]
+    fn only_trusted_proxies_may_set_the_forwarded_scheme_and_client_ip() {
+        let up = Upstream::parse("http://reg:5000").unwrap();
+        for trusted in [false, true] {
+            let mut h = HeaderMap::new();
+            h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+            h.insert(&X_REAL_IP, HeaderValue::from_static("192.0.2.9"));
+            let c = ConnInfo {
+                trusted,
+                ..conn(false)
+            };
+            rewrite_request_headers(&mut h, None, c, &up);
+            let (proto, ip) = if trusted {
+                ("https", "192.0.2.9")
+            } else {
+                ("http", "10.1.2.3")
+            };
+            assert_eq!(h[&X_FORWARDED_PROTO], proto);
+            assert_eq!(h[&X_REAL_IP], ip);
+        }
     }
 
     #[test]

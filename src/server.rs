@@ -185,6 +185,7 @@ pub async fn serve(
         let conn = ConnInfo {
             remote,
             tls: tls.is_some(),
+            trusted: settings.trusted_proxies.contains(&remote.ip()),
         };
         let task = ConnTask {
             proxy: proxy.clone(),

@@ -1,0 +1,229 @@
+//! The deployment files: alert rules checked and proven with promtool, the dashboard and
+//! alerts referring only to metrics regguard really exports, and the Dockerfile, compose file,
+//! Kubernetes manifests and systemd unit parsing and pointing at files that exist.
+//! (No Docker engine runs on this kind of machine, so the image is not built here.)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{oci, poll_until, require_tool, Regguard, RegguardOptions, Registry};
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo_file(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// Metric names (histogram suffixes stripped) mentioned in a PromQL-bearing text.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for prefix in ["regguard_", "registry_manifest_integrity_"] {
+        let mut rest = text;
+        while let Some(i) = rest.find(prefix) {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+            out.insert(base.to_string());
+            rest = &tail[end..];
+        }
+    }
+    out
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_every_alert_is_proven_to_fire() {
+    let promtool = require_tool("promtool", "prometheus");
+    let dir = repo_file("deploy/prometheus");
+    let check = Command::new(&promtool)
+        .args(["check", "rules", "regguard-alerts.yml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let test = Command::new(&promtool)
+        .args(["test", "rules", "regguard-alerts.test.yml"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        test.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&test.stdout),
+        String::from_utf8_lossy(&test.stderr)
+    );
+
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&read("deploy/prometheus/regguard-alerts.yml")).unwrap();
+    let tests = read("deploy/prometheus/regguard-alerts.test.yml");
+    let mut alerts = Vec::new();
+    for g in rules["groups"].as_sequence().unwrap() {
+        for r in g["rules"].as_sequence().unwrap() {
+            alerts.push(r["alert"].as_str().unwrap().to_string());
+        }
+    }
+    for name in [
+        "RegistryManifestIntegrityFailure",
+        "RegistryIntegrityProbeStale",
+        "RegistryCatalogInaccessible",
+        "RegistryIndexChildMissing",
+    ] {
+        assert!(alerts.contains(&name.to_string()), "missing alert {name}");
+    }
+    for a in &alerts {
+        assert!(
+            tests.contains(&format!("alertname: {a}")),
+            "alert {a} has no promtool test"
+        );
+    }
+}
+
+#[test]
+fn dashboard_and_alerts_only_use_metrics_regguard_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/regguard-dashboard.json")).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    let mut exprs = String::new();
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push_str(t["expr"].as_str().unwrap());
+            exprs.push('\n');
+        }
+    }
+    let mut used = metric_names(&exprs);
+    used.extend(metric_names(&read("deploy/prometheus/regguard-alerts.yml")));
+    used.extend(
+        metric_names(&read("README.md"))
+            .into_iter()
+            .filter(|n| !n.ends_with('_')),
+    );
+
+    // A regguard with the scan on, over a registry with one broken reference, exports everything.
+    let reg = Registry::start();
+    let img = oci::multi_arch("deploy");
+    oci::push_multi_arch(&reg.url(), "deploy/app", "v1", &img, &[]);
+    reg.remove_revision_link("deploy/app", &img.image("amd64").manifest.digest);
+    let rg = Regguard::start_with(
+        &reg.url(),
+        RegguardOptions {
+            env: vec![("REGGUARD_SCAN_ENABLED".into(), "true".into())],
+            ..Default::default()
+        },
+    );
+    let metrics = poll_until(Duration::from_secs(60), "the first scan", || {
+        let m = rg.metrics();
+        m.contains("regguard_broken_reference_info{").then_some(m)
+    });
+    let exported: BTreeSet<String> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect();
+    let missing: Vec<&String> = used.iter().filter(|n| !exported.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "referenced but not exported: {missing:?}"
+    );
+}
+
+#[test]
+fn dockerfile_builds_from_files_that_exist_and_runs_as_non_root() {
+    let text = read("deploy/Dockerfile");
+    let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
+    assert!(stages >= 2, "multi-stage");
+    let mut last_user = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("COPY ") {
+            if rest.starts_with("--from") {
+                continue;
+            }
+            let parts: Vec<&str> = rest.split_whitespace().collect();
+            for src in &parts[..parts.len() - 1] {
+                assert!(repo_file(src).exists(), "COPY source {src} does not exist");
+            }
+        }
+        if let Some(u) = line.strip_prefix("USER ") {
+            last_user = Some(u.trim().to_string());
+        }
+    }
+    let user = last_user.expect("a USER line");
+    assert!(user != "root" && user != "0", "runs as {user}");
+    assert!(read(".dockerignore").lines().any(|l| l.trim() == "target"));
+    // The config the image ships parses.
+    regguard::config::Settings::from_toml(&read("deploy/regguard.toml")).unwrap();
+}
+
+#[test]
+fn compose_kubernetes_and_systemd_files_parse_and_agree_with_regguard() {
+    let compose: serde_yaml::Value =
+        serde_yaml::from_str(&read("deploy/docker-compose.yml")).unwrap();
+    let rg = &compose["services"]["regguard"];
+    let context = repo_file("deploy").join(rg["build"]["context"].as_str().unwrap());
+    assert!(context
+        .join(rg["build"]["dockerfile"].as_str().unwrap())
+        .exists());
+    assert!(rg["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|p| p.as_str() == Some("5050:5050")));
+    for v in rg["volumes"].as_sequence().unwrap() {
+        let host = v.as_str().unwrap().split(':').next().unwrap();
+        if host.starts_with('.') {
+            assert!(
+                repo_file("deploy").join(host).exists(),
+                "compose mounts {host}, which does not exist"
+            );
+        }
+    }
+    assert!(compose["services"]["registry-private"].is_mapping());
+
+    let docs: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(&read("deploy/kubernetes/regguard.yaml"))
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect();
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == k)
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    let container = &kind("Deployment")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(kind("Deployment")["spec"]["replicas"].as_u64().unwrap() >= 2);
+    let toml = kind("ConfigMap")["data"]["regguard.toml"].as_str().unwrap();
+    let s = regguard::config::Settings::from_toml(toml).unwrap();
+    assert_eq!(s.admin_listen.port(), 9090);
+    assert_eq!(s.listen.port(), 5050);
+    assert_eq!(kind("Service")["spec"]["ports"][0]["port"], 5050);
+
+    let unit = read("deploy/systemd/regguard.service");
+    for needed in [
+        "ExecStart=/usr/local/bin/regguard serve",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "[Install]",
+    ] {
+        assert!(unit.contains(needed), "unit lacks {needed}");
+    }
+    regguard::config::Settings::from_toml(&read("nginx-compat/regguard.toml")).unwrap();
+}
