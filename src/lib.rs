@@ -12,6 +12,7 @@ pub mod checker;
 pub mod config;
 pub mod error;
 pub mod gate;
+pub mod inspect;
 pub mod integrity;
 pub mod metrics;
 pub mod oci;

@@ -25,6 +25,26 @@ enum Command {
     /// Scan a whole registry once: every tag of every repository, index children, and each
     /// image's config and layers. Exit 0: healthy; 1: broken references found; 2: could not scan.
     Scan(ScanArgs),
+    /// Check images deeply (index -> children -> config and layers, sizes and digests) and print
+    /// a tree with each platform and what is missing. Exit 0: healthy; 1: broken; 2: could not check.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// Images, e.g. registry.example:5050/infra-ci:latest or host:port/repo@sha256:...
+    #[arg(required = true, value_name = "REF")]
+    refs: Vec<String>,
+    /// Credentials as USER:PASSWORD (also REGGUARD_USER / REGGUARD_PASSWORD; else the docker
+    /// config file's `auths`, from $DOCKER_CONFIG or ~/.docker/config.json).
+    #[arg(long, value_name = "USER:PASSWORD")]
+    user: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
+    /// Allow plain HTTP (required: this build talks to registries over HTTP only).
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,6 +97,97 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Scan(args) => scan(args),
+        Command::Check(args) => check(args),
+    }
+}
+
+fn env_user() -> Option<String> {
+    let u = std::env::var("REGGUARD_USER").ok()?;
+    let p = std::env::var("REGGUARD_PASSWORD").ok()?;
+    Some(format!("{u}:{p}"))
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let fail = |msg: &str| {
+        eprintln!("regguard check: {msg}");
+        ExitCode::from(2)
+    };
+    if !args.insecure {
+        return fail(
+            "this build checks registries over plain HTTP only; pass --insecure to allow it",
+        );
+    }
+    let mut refs = Vec::new();
+    for r in &args.refs {
+        match regguard::inspect::ImageRef::parse(r) {
+            Ok(p) => refs.push((r.clone(), p)),
+            Err(e) => return fail(&e),
+        }
+    }
+    let explicit = match args
+        .user
+        .clone()
+        .or_else(env_user)
+        .map(|u| regguard::config::basic_auth(&u))
+        .transpose()
+    {
+        Ok(a) => a,
+        Err(e) => return fail(&format!("--user: {e}")),
+    };
+    let docker_config = std::env::var("DOCKER_CONFIG")
+        .map(|d| std::path::PathBuf::from(d).join("config.json"))
+        .or_else(|_| {
+            std::env::var("HOME").map(|h| std::path::PathBuf::from(h).join(".docker/config.json"))
+        })
+        .ok()
+        .and_then(|p| std::fs::read_to_string(p).ok());
+    let auth_for = |host: &str| {
+        explicit.clone().or_else(|| {
+            docker_config
+                .as_deref()
+                .and_then(|c| regguard::inspect::docker_config_auth(c, host))
+        })
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    let results = runtime.block_on(regguard::inspect::check_all(&refs, auth_for));
+    match args.format {
+        OutputFormat::Json => match serde_json::to_string_pretty(&results) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(&e.to_string()),
+        },
+        OutputFormat::Text => {
+            for r in &results {
+                match (&r.tree, &r.error) {
+                    (Some(tree), _) => {
+                        let mut out = String::new();
+                        tree.render(&mut out, "", true, true);
+                        println!("{}", r.image);
+                        print!("{out}");
+                        let verdict = if r.healthy {
+                            "healthy".to_string()
+                        } else {
+                            format!("{} broken, {} not checked", r.broken, r.unchecked)
+                        };
+                        println!("=> {verdict}\n");
+                    }
+                    (None, Some(e)) => eprintln!("regguard check: {}: {e}", r.image),
+                    (None, None) => {}
+                }
+            }
+        }
+    }
+    if results.iter().any(|r| r.broken > 0) {
+        ExitCode::from(1)
+    } else if results.iter().any(|r| !r.healthy) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -91,11 +202,7 @@ fn scan(args: ScanArgs) -> ExitCode {
     if !args.insecure {
         return fail("refusing plain HTTP without --insecure (credentials and results would cross the network in clear text)");
     }
-    let user = args.user.clone().or_else(|| {
-        let u = std::env::var("REGGUARD_USER").ok()?;
-        let p = std::env::var("REGGUARD_PASSWORD").ok()?;
-        Some(format!("{u}:{p}"))
-    });
+    let user = args.user.clone().or_else(env_user);
     let auth = match user.map(|u| regguard::config::basic_auth(&u)).transpose() {
         Ok(a) => a,
         Err(e) => return fail(&format!("--user: {e}")),

@@ -1,0 +1,394 @@
+//! `regguard check`: one image, deeply, as a tree: the index, each child with its platform,
+//! and each child image's config and layers, every reference asked through the shared
+//! [`Checker`] (same requests, same verdicts as validation and the gate).
+
+use std::sync::Arc;
+
+use http::HeaderValue;
+use serde::Serialize;
+
+use crate::checker::{Checker, FetchError, Outcome, Presence, RefKind};
+use crate::oci::{Descriptor, Manifest};
+
+/// An image reference: `host[:port]/repo[:tag]` or `host[:port]/repo@sha256:…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub host: String,
+    pub repository: String,
+    /// A tag or a digest.
+    pub reference: String,
+}
+
+impl ImageRef {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (host, rest) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}`: expected HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]"))?;
+        if !(host.contains('.') || host.contains(':') || host == "localhost") {
+            return Err(format!("`{s}`: the first component `{host}` is not a registry host (add the host, e.g. registry.example:5050/{s})"));
+        }
+        let (repository, reference) = if let Some((r, d)) = rest.split_once('@') {
+            (r.to_string(), d.to_string())
+        } else {
+            match rest.rsplit_once(':') {
+                Some((r, t)) if !t.contains('/') => (r.to_string(), t.to_string()),
+                _ => (rest.to_string(), "latest".to_string()),
+            }
+        };
+        if repository.is_empty() || reference.is_empty() {
+            return Err(format!("`{s}`: empty repository or reference"));
+        }
+        Ok(ImageRef {
+            host: host.to_string(),
+            repository,
+            reference,
+        })
+    }
+}
+
+/// One node of the checked tree.
+#[derive(Debug, Clone, Serialize)]
+pub struct Node {
+    /// index | image | config | layer | manifest
+    pub role: &'static str,
+    pub digest: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// ok | missing | mismatch | unauthorized | error
+    pub result: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<Node>,
+}
+
+impl Node {
+    /// Counts (broken, could-not-check) in this subtree.
+    pub fn tally(&self) -> (usize, usize) {
+        let own = match self.result {
+            "missing" | "mismatch" => (1, 0),
+            "unauthorized" | "error" => (0, 1),
+            _ => (0, 0),
+        };
+        self.children.iter().fold(own, |(b, e), c| {
+            let (cb, ce) = c.tally();
+            (b + cb, e + ce)
+        })
+    }
+
+    /// Renders the tree, one line per node.
+    pub fn render(&self, out: &mut String, prefix: &str, last: bool, root: bool) {
+        let (branch, next) = if root {
+            ("", "")
+        } else if last {
+            ("└── ", "    ")
+        } else {
+            ("├── ", "│   ")
+        };
+        let status = match self.result {
+            "ok" => "ok".to_string(),
+            other => format!("{} {}", other.to_uppercase(), self.detail),
+        };
+        let platform = self
+            .platform
+            .as_deref()
+            .map(|p| format!(" {p}"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{prefix}{branch}{}{platform} {}  {status}\n",
+            self.role, self.digest
+        ));
+        let child_prefix = format!("{prefix}{next}");
+        for (i, c) in self.children.iter().enumerate() {
+            c.render(out, &child_prefix, i + 1 == self.children.len(), false);
+        }
+    }
+}
+
+fn leaf(
+    role: &'static str,
+    d: &Descriptor,
+    platform: Option<String>,
+    outcome: &Outcome,
+    kind: RefKind,
+) -> Node {
+    Node {
+        role,
+        digest: d.digest.clone(),
+        platform,
+        size: Some(d.size),
+        result: outcome.label(),
+        detail: if *outcome == Outcome::Ok {
+            String::new()
+        } else {
+            outcome.describe(kind)
+        },
+        children: Vec::new(),
+    }
+}
+
+/// Checks one image deeply. Errors only when the image itself cannot be resolved.
+pub async fn check_image(
+    checker: &Arc<Checker>,
+    repo: &str,
+    reference: &str,
+    auth: Option<&HeaderValue>,
+    max_depth: u32,
+) -> Result<Node, String> {
+    let digest = if crate::oci::is_sha256_digest(reference) {
+        reference.to_string()
+    } else {
+        match checker
+            .present(repo, reference, RefKind::Manifest, auth)
+            .await
+        {
+            Presence::Found {
+                digest: Some(d), ..
+            } => d,
+            Presence::Found { digest: None, .. } => {
+                return Err(format!(
+                    "{repo}:{reference}: the registry sent no Docker-Content-Digest"
+                ))
+            }
+            Presence::NotFound => {
+                return Ok(Node {
+                    role: "manifest",
+                    digest: reference.to_string(),
+                    platform: None,
+                    size: None,
+                    result: "missing",
+                    detail: "404 MANIFEST_UNKNOWN".into(),
+                    children: vec![],
+                })
+            }
+            Presence::Unauthorized(s) => {
+                return Err(format!(
+                    "{repo}:{reference}: not authorized ({s}); give --user or a docker config"
+                ))
+            }
+            Presence::Error(e) => return Err(format!("{repo}:{reference}: {e}")),
+        }
+    };
+    let manifest = checker
+        .manifest(repo, &digest, auth)
+        .await
+        .map_err(|e| match e {
+            FetchError::Unauthorized(s) => format!("{repo}@{digest}: not authorized ({s})"),
+            other => format!("{repo}@{digest}: {other}"),
+        })?;
+    let mut root = Node {
+        role: "index",
+        digest: digest.clone(),
+        platform: None,
+        size: None,
+        result: "ok",
+        detail: String::new(),
+        children: Vec::new(),
+    };
+    match manifest.as_ref() {
+        Manifest::Index { manifests } => {
+            root.children =
+                Box::pin(index_children(checker, repo, manifests, auth, 1, max_depth)).await;
+        }
+        Manifest::Image { .. } => {
+            root.role = "image";
+            root.children = image_blobs(checker, repo, &manifest, auth).await;
+        }
+    }
+    Ok(root)
+}
+
+async fn index_children(
+    checker: &Arc<Checker>,
+    repo: &str,
+    children: &[Descriptor],
+    auth: Option<&HeaderValue>,
+    depth: u32,
+    max_depth: u32,
+) -> Vec<Node> {
+    let mut out = Vec::new();
+    for child in children {
+        let platform = child.platform.as_ref().map(ToString::to_string);
+        let outcome = checker.check(repo, child, RefKind::Manifest, auth).await;
+        let mut node = leaf("image", child, platform, &outcome, RefKind::Manifest);
+        if outcome == Outcome::Ok {
+            match checker.manifest(repo, &child.digest, auth).await {
+                Ok(m) => match m.as_ref() {
+                    Manifest::Index { manifests } if depth < max_depth => {
+                        node.role = "index";
+                        node.children = Box::pin(index_children(
+                            checker,
+                            repo,
+                            manifests,
+                            auth,
+                            depth + 1,
+                            max_depth,
+                        ))
+                        .await;
+                    }
+                    Manifest::Index { .. } => {
+                        node.role = "index";
+                        node.result = "error";
+                        node.detail = format!("nested deeper than {max_depth}");
+                    }
+                    Manifest::Image { .. } => {
+                        node.children = image_blobs(checker, repo, &m, auth).await
+                    }
+                },
+                Err(e) => {
+                    node.result = "error";
+                    node.detail = e.to_string();
+                }
+            }
+        }
+        out.push(node);
+    }
+    out
+}
+
+async fn image_blobs(
+    checker: &Arc<Checker>,
+    repo: &str,
+    image: &Manifest,
+    auth: Option<&HeaderValue>,
+) -> Vec<Node> {
+    let mut out = Vec::new();
+    let Manifest::Image { config, layers } = image else {
+        return out;
+    };
+    let outcome = checker.check(repo, config, RefKind::Blob, auth).await;
+    out.push(leaf("config", config, None, &outcome, RefKind::Blob));
+    for l in layers {
+        if !l.urls.is_empty() {
+            continue;
+        }
+        let outcome = checker.check(repo, l, RefKind::Blob, auth).await;
+        out.push(leaf("layer", l, None, &outcome, RefKind::Blob));
+    }
+    out
+}
+
+/// Credentials for `host` from a docker config file (`auths.<host>.auth`, or username/password).
+pub fn docker_config_auth(config_json: &str, host: &str) -> Option<HeaderValue> {
+    let v: serde_json::Value = serde_json::from_str(config_json).ok()?;
+    let entry = v.get("auths")?.get(host)?;
+    if let Some(auth) = entry
+        .get("auth")
+        .and_then(|a| a.as_str())
+        .filter(|a| !a.is_empty())
+    {
+        let mut h = HeaderValue::from_str(&format!("Basic {auth}")).ok()?;
+        h.set_sensitive(true);
+        return Some(h);
+    }
+    let user = entry.get("username")?.as_str()?;
+    let pass = entry.get("password")?.as_str()?;
+    crate::config::basic_auth(&format!("{user}:{pass}")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse_with_tags_digests_and_ports() {
+        let r = ImageRef::parse("registry.example:5050/infra-ci:latest").unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str(), r.reference.as_str()),
+            ("registry.example:5050", "infra-ci", "latest")
+        );
+        let r = ImageRef::parse("127.0.0.1:5000/team/app@sha256:abc").unwrap();
+        assert_eq!(
+            (r.repository.as_str(), r.reference.as_str()),
+            ("team/app", "sha256:abc")
+        );
+        let r = ImageRef::parse("reg.example/team/app").unwrap();
+        assert_eq!(r.reference, "latest");
+        assert!(ImageRef::parse("team/app:v1").is_err(), "no registry host");
+    }
+
+    #[test]
+    fn docker_config_auth_reads_auth_and_user_password() {
+        let cfg =
+            r#"{"auths":{"reg:5050":{"auth":"dTpw"},"other":{"username":"u","password":"p"}}}"#;
+        assert_eq!(docker_config_auth(cfg, "reg:5050").unwrap(), "Basic dTpw");
+        assert_eq!(docker_config_auth(cfg, "other").unwrap(), "Basic dTpw");
+        assert!(docker_config_auth(cfg, "nope").is_none());
+    }
+}
+
+/// The result of checking one image.
+#[derive(Debug, Serialize)]
+pub struct CheckResult {
+    pub image: String,
+    pub healthy: bool,
+    pub broken: usize,
+    pub unchecked: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tree: Option<Node>,
+}
+
+/// A checker talking to `http://host` directly (outside `serve`).
+pub fn standalone_checker(host: &str) -> Result<Arc<Checker>, String> {
+    let upstream =
+        crate::config::Upstream::parse(&format!("http://{host}")).map_err(|e| e.to_string())?;
+    let defaults = crate::config::Settings::from_toml("").map_err(|e| e.to_string())?;
+    let pools = crate::upstream::Pools::new(std::time::Duration::from_secs(10));
+    let checker = Checker::new(
+        pools.lean().clone(),
+        upstream,
+        crate::checker::CheckerSettings {
+            ok_ttl: defaults.validate.ok_ttl,
+            missing_ttl: defaults.validate.missing_ttl,
+            check_timeout: defaults.validate.check_timeout,
+            manifest_cache_bytes: 64 * 1024 * 1024,
+            presence_entries: 100_000,
+        },
+        &prometheus::Registry::new(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Arc::new(checker))
+}
+
+/// Checks each image; `auth_for(host)` gives the credentials to use.
+pub async fn check_all(
+    refs: &[(String, ImageRef)],
+    auth_for: impl Fn(&str) -> Option<HeaderValue>,
+) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    for (text, r) in refs {
+        let auth = auth_for(&r.host);
+        let result = match standalone_checker(&r.host) {
+            Ok(checker) => {
+                check_image(&checker, &r.repository, &r.reference, auth.as_ref(), 4).await
+            }
+            Err(e) => Err(e),
+        };
+        out.push(match result {
+            Ok(tree) => {
+                let (broken, unchecked) = tree.tally();
+                CheckResult {
+                    image: text.clone(),
+                    healthy: broken == 0 && unchecked == 0,
+                    broken,
+                    unchecked,
+                    error: None,
+                    tree: Some(tree),
+                }
+            }
+            Err(e) => CheckResult {
+                image: text.clone(),
+                healthy: false,
+                broken: 0,
+                unchecked: 1,
+                error: Some(e),
+                tree: None,
+            },
+        });
+    }
+    out
+}
