@@ -265,6 +265,18 @@ impl Upstream {
         })
     }
 
+    /// Parses a registry URL for the CLI: `http://` or `https://`.
+    pub fn parse_registry(url: &str) -> Result<Self, ConfigError> {
+        match url.strip_prefix("https://") {
+            Some(rest) => {
+                let mut up = Self::parse(&format!("http://{rest}"))?;
+                up.scheme = Scheme::HTTPS;
+                Ok(up)
+            }
+            None => Self::parse(url),
+        }
+    }
+
     /// The upstream URI for a client's path and query, kept byte for byte.
     pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
         Uri::builder()

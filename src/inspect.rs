@@ -332,12 +332,48 @@ pub struct CheckResult {
     pub tree: Option<Node>,
 }
 
-/// A checker talking to `http://host` directly (outside `serve`).
-pub fn standalone_checker(host: &str) -> Result<Arc<Checker>, String> {
-    let upstream =
-        crate::config::Upstream::parse(&format!("http://{host}")).map_err(|e| e.to_string())?;
+/// The hint added to connection failures from the CLI.
+pub const INSECURE_HINT: &str =
+    "if the registry speaks plain HTTP or has a self-signed certificate, pass --insecure";
+
+/// The base URL to reach `host`: `https://` always; with `insecure`, `https://` without
+/// certificate verification if the host speaks TLS, else `http://`.
+pub async fn registry_url(host: &str, insecure: bool) -> String {
+    if !insecure {
+        return format!("https://{host}");
+    }
+    let pools = crate::upstream::Pools::with_tls(
+        std::time::Duration::from_secs(5),
+        crate::upstream::TlsVerify::None,
+    );
+    let probe = http::Request::get(format!("https://{host}/v2/"))
+        .header(http::header::USER_AGENT, crate::upstream::user_agent())
+        .body(crate::body::UpstreamBody::empty());
+    let speaks_tls = match probe {
+        Ok(req) => matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), pools.lean().request(req))
+                .await,
+            Ok(Ok(_))
+        ),
+        Err(_) => false,
+    };
+    if speaks_tls {
+        format!("https://{host}")
+    } else {
+        format!("http://{host}")
+    }
+}
+
+/// A checker talking to the registry at `base` (`http://` or `https://`) directly, outside `serve`.
+pub fn standalone_checker(base: &str, insecure: bool) -> Result<Arc<Checker>, String> {
+    let upstream = crate::config::Upstream::parse_registry(base).map_err(|e| e.to_string())?;
     let defaults = crate::config::Settings::from_toml("").map_err(|e| e.to_string())?;
-    let pools = crate::upstream::Pools::new(std::time::Duration::from_secs(10));
+    let verify = if insecure {
+        crate::upstream::TlsVerify::None
+    } else {
+        crate::upstream::TlsVerify::System
+    };
+    let pools = crate::upstream::Pools::with_tls(std::time::Duration::from_secs(10), verify);
     let checker = Checker::new(
         pools.lean().clone(),
         upstream,
@@ -357,12 +393,14 @@ pub fn standalone_checker(host: &str) -> Result<Arc<Checker>, String> {
 /// Checks each image; `auth_for(host)` gives the credentials to use.
 pub async fn check_all(
     refs: &[(String, ImageRef)],
+    insecure: bool,
     auth_for: impl Fn(&str) -> Option<HeaderValue>,
 ) -> Vec<CheckResult> {
     let mut out = Vec::new();
     for (text, r) in refs {
         let auth = auth_for(&r.host);
-        let result = match standalone_checker(&r.host) {
+        let base = registry_url(&r.host, insecure).await;
+        let result = match standalone_checker(&base, insecure) {
             Ok(checker) => {
                 check_image(&checker, &r.repository, &r.reference, auth.as_ref(), 4).await
             }
@@ -385,7 +423,11 @@ pub async fn check_all(
                 healthy: false,
                 broken: 0,
                 unchecked: 1,
-                error: Some(e),
+                error: Some(if e.contains("unreachable") && !insecure {
+                    format!("{e} ({INSECURE_HINT})")
+                } else {
+                    e
+                }),
                 tree: None,
             },
         });

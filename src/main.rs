@@ -42,7 +42,9 @@ struct CheckArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
-    /// Allow plain HTTP (required: this build talks to registries over HTTP only).
+    /// Allow plain HTTP and skip TLS certificate verification (self-signed registries).
+    /// Without it, registries are reached over HTTPS verified against the system's CA store
+    /// (SSL_CERT_FILE / SSL_CERT_DIR are honoured).
     #[arg(long)]
     insecure: bool,
 }
@@ -58,7 +60,7 @@ struct ScanArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
-    /// Allow plain HTTP (required for http:// registries).
+    /// Allow plain HTTP (required for http:// registries) and skip TLS certificate verification.
     #[arg(long)]
     insecure: bool,
     /// Catalog and tag-list page size.
@@ -112,11 +114,6 @@ fn check(args: CheckArgs) -> ExitCode {
         eprintln!("regguard check: {msg}");
         ExitCode::from(2)
     };
-    if !args.insecure {
-        return fail(
-            "this build checks registries over plain HTTP only; pass --insecure to allow it",
-        );
-    }
     let mut refs = Vec::new();
     for r in &args.refs {
         match regguard::inspect::ImageRef::parse(r) {
@@ -155,7 +152,7 @@ fn check(args: CheckArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
-    let results = runtime.block_on(regguard::inspect::check_all(&refs, auth_for));
+    let results = runtime.block_on(regguard::inspect::check_all(&refs, args.insecure, auth_for));
     match args.format {
         OutputFormat::Json => match serde_json::to_string_pretty(&results) {
             Ok(j) => println!("{j}"),
@@ -196,10 +193,7 @@ fn scan(args: ScanArgs) -> ExitCode {
         eprintln!("regguard scan: {msg}");
         ExitCode::from(2)
     };
-    if args.registry.starts_with("https://") {
-        return fail("https:// registries are not supported by `regguard scan` yet; scan the registry's plain-HTTP address with --insecure");
-    }
-    if !args.insecure {
+    if args.registry.starts_with("http://") && !args.insecure {
         return fail("refusing plain HTTP without --insecure (credentials and results would cross the network in clear text)");
     }
     let user = args.user.clone().or_else(env_user);
@@ -216,6 +210,7 @@ fn scan(args: ScanArgs) -> ExitCode {
     };
     let result = runtime.block_on(regguard::scan::scan_once(
         &args.registry,
+        args.insecure,
         auth,
         args.page_size,
         args.concurrency,

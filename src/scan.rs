@@ -427,17 +427,23 @@ pub struct OnceResult {
     pub broken: Vec<crate::integrity::BrokenRef>,
 }
 
-/// One scan of `registry` (an `http://` URL) outside `serve`, for the CLI.
+/// One scan of `registry` (an `http://` or `https://` URL) outside `serve`, for the CLI.
 pub async fn scan_once(
     registry: &str,
+    insecure: bool,
     auth: Option<HeaderValue>,
     page_size: u32,
     concurrency: usize,
 ) -> Result<OnceResult, String> {
-    let upstream = Upstream::parse(registry).map_err(|e| e.to_string())?;
+    let upstream = Upstream::parse_registry(registry).map_err(|e| e.to_string())?;
     let defaults = crate::config::Settings::from_toml("").map_err(|e| e.to_string())?;
     let metrics = Registry::new();
-    let pools = crate::upstream::Pools::new(Duration::from_secs(10));
+    let verify = if insecure {
+        crate::upstream::TlsVerify::None
+    } else {
+        crate::upstream::TlsVerify::System
+    };
+    let pools = crate::upstream::Pools::with_tls(Duration::from_secs(10), verify);
     let checker = Arc::new(
         crate::checker::Checker::new(
             pools.lean().clone(),

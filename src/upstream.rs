@@ -19,14 +19,25 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::UpstreamBody;
 
-/// The upstream client type.
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+/// The upstream client type. The connector speaks plain HTTP and, for the CLI's
+/// `https://` registries, TLS (rustls); `serve` only ever dials `http://` upstreams.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// How the CLI verifies a registry's certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVerify {
+    /// The system's CA store.
+    System,
+    /// No verification (`--insecure`): for registries with self-signed certificates.
+    None,
+}
 
 /// How long an unused pooled connection is kept. Proxies and load balancers
 /// between regguard and the registry commonly close idle connections after
@@ -71,13 +82,23 @@ impl Drop for BulkPermit {
 }
 
 impl Pools {
-    /// Builds both pools.
+    /// Builds both pools (HTTPS verified against the system's CA store).
     pub fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_keepalive(Some(TCP_KEEPALIVE));
-        connector.enforce_http(true);
+        Self::with_tls(connect_timeout, TlsVerify::System)
+    }
+
+    /// Builds both pools with the given certificate verification for `https://` upstreams.
+    pub fn with_tls(connect_timeout: Duration, verify: TlsVerify) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(verify))
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         Pools {
             lean: build(connector.clone(), LEAN_READ_BUF),
             bulk: build(connector, BULK_READ_BUF),
@@ -98,7 +119,81 @@ impl Pools {
     }
 }
 
-fn build(connector: HttpConnector, read_buf_max: usize) -> UpstreamClient {
+fn tls_config(verify: TlsVerify) -> rustls::ClientConfig {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = match rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+    {
+        Ok(b) => b,
+        // The ring provider supports the default versions; this branch is unreachable in practice.
+        Err(_) => {
+            return rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        }
+    };
+    match verify {
+        TlsVerify::System => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        TlsVerify::None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify(provider)))
+            .with_no_client_auth(),
+    }
+}
+
+/// Accepts any certificate (`--insecure`); signatures are still checked for well-formedness.
+#[derive(Debug)]
+struct NoVerify(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn build(connector: HttpsConnector<HttpConnector>, read_buf_max: usize) -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

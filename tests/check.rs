@@ -91,7 +91,9 @@ fn unreachable_registry_or_missing_credentials_exit_2_with_a_clear_message() {
     let (code, _, err) = check(&["--insecure", &format!("{dead}/a/b:v1")], &[]);
     assert_eq!(code, Some(2));
     assert!(err.contains("unreachable"), "{err}");
-    let (code, _, err) = check(&["127.0.0.1:5000/a/b:v1"], &[]);
+    // Without --insecure, HTTPS only: a plain-HTTP registry is unreachable, with the hint.
+    let plain = Registry::start();
+    let (code, _, err) = check(&[&format!("{}/a/b:v1", plain.addr)], &[]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--insecure"), "{err}");
 
@@ -119,4 +121,31 @@ fn unreachable_registry_or_missing_credentials_exit_2_with_a_clear_message() {
     assert_eq!(code, Some(0), "{out}{err}");
     let (code, _, _) = check(&["--insecure", "--user", "ci:pw", &image], &[]);
     assert_eq!(code, Some(0));
+}
+
+#[test]
+fn https_registry_is_checked_verified_with_a_trusted_ca_or_unverified_with_insecure() {
+    let reg = Registry::start();
+    let img = oci::multi_arch("check-tls");
+    oci::push_multi_arch(&reg.url(), "tls/app", "v1", &img, &[]);
+    let cert = common::TestCert::generate();
+    // The TLS front: regguard itself, with a self-signed certificate.
+    let rg = common::Regguard::start_with(
+        &reg.url(),
+        common::RegguardOptions {
+            tls: Some((cert.cert_pem.clone(), cert.key_pem.clone())),
+            ..Default::default()
+        },
+    );
+    let image = format!("{}/tls/app:v1", rg.host());
+    let (code, _, err) = check(&[&image], &[("SSL_CERT_FILE", "/nonexistent")]);
+    assert_eq!(code, Some(2), "an untrusted certificate is refused: {err}");
+    let (code, out, err) = check(
+        &[&image],
+        &[("SSL_CERT_FILE", cert.cert_pem.to_str().unwrap())],
+    );
+    assert_eq!(code, Some(0), "verified against the given CA: {out}{err}");
+    let (code, out, err) = check(&["--insecure", &image], &[]);
+    assert_eq!(code, Some(0), "unverified with --insecure: {out}{err}");
+    assert!(out.contains("=> healthy"));
 }
