@@ -72,6 +72,8 @@ pub struct Scanner {
     settings: ScanSettings,
     metrics: ScanMetrics,
     pacer: Mutex<Instant>,
+    /// A terminal progress bar (CLI on a TTY only).
+    progress: Option<indicatif::ProgressBar>,
 }
 
 fn probe_gauge(
@@ -150,7 +152,14 @@ impl Scanner {
             settings,
             metrics,
             pacer: Mutex::new(Instant::now()),
+            progress: None,
         })
+    }
+
+    /// Shows progress on a terminal: repositories listed, tags checked.
+    pub fn with_progress(mut self, bar: indicatif::ProgressBar) -> Self {
+        self.progress = Some(bar);
+        self
     }
 
     /// Runs scans every `interval`, forever.
@@ -278,6 +287,10 @@ impl Scanner {
                     continue;
                 }
             };
+            if let Some(bar) = &self.progress {
+                bar.inc_length(tags.len() as u64);
+                bar.set_message(format!("{} repositories listed", report.repositories));
+            }
             for tag in tags {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
@@ -287,6 +300,9 @@ impl Scanner {
                 tasks.spawn(async move {
                     let r = me.tag(&repo, &tag).await;
                     drop(permit);
+                    if let Some(bar) = &me.progress {
+                        bar.inc(1);
+                    }
                     r
                 });
             }
@@ -308,6 +324,9 @@ impl Scanner {
         }
         report.duration_seconds = started.elapsed().as_secs_f64();
         self.finish(&report, started);
+        if let Some(bar) = &self.progress {
+            bar.finish_and_clear();
+        }
         report
     }
 
@@ -469,24 +488,36 @@ pub async fn scan_once(
         &metrics,
     )
     .map_err(|e| e.to_string())?;
-    let scanner = Arc::new(
-        Scanner::new(
-            pools.lean().clone(),
-            upstream,
-            validator.inspector(),
-            ScanSettings {
-                enabled: false,
-                interval: Duration::from_secs(3600),
-                concurrency,
-                rate: 1000,
-                page_size,
-                auth,
-            },
-            &metrics,
-            "cli",
-        )
-        .map_err(|e| e.to_string())?,
-    );
+    // A progress bar only on a terminal; nothing on pipes, files or CI logs.
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} {pos}/{len} tags checked, {msg} [{elapsed}]",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    });
+    let scanner = Scanner::new(
+        pools.lean().clone(),
+        upstream,
+        validator.inspector(),
+        ScanSettings {
+            enabled: false,
+            interval: Duration::from_secs(3600),
+            concurrency,
+            rate: 1000,
+            page_size,
+            auth,
+        },
+        &metrics,
+        "cli",
+    )
+    .map_err(|e| e.to_string())?;
+    let scanner = Arc::new(match bar {
+        Some(bar) => scanner.with_progress(bar),
+        None => scanner,
+    });
     let report = scanner.scan().await;
     Ok(OnceResult {
         registry: registry.to_owned(),
