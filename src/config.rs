@@ -160,6 +160,7 @@ struct ScanFile {
     concurrency: Option<usize>,
     rate: Option<u32>,
     page_size: Option<u32>,
+    blobs: Option<bool>,
     /// A file holding `user:password` for the scan's requests.
     credentials_file: Option<PathBuf>,
 }
@@ -561,6 +562,9 @@ impl Settings {
             page_size: parse_env("scan.page_size", "scan", "page_size")?
                 .or(sc.page_size)
                 .unwrap_or(100),
+            blobs: parse_env("scan.blobs", "scan", "blobs")?
+                .or(sc.blobs)
+                .unwrap_or(true),
             auth: scan_auth,
         };
         if scan.concurrency == 0 || scan.rate == 0 || scan.page_size == 0 {

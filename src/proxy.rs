@@ -425,6 +425,7 @@ impl Proxy {
             kind,
             auth: read.auth,
             seen_at: Instant::now().into_std(),
+            blobs: v.blobs,
         };
         if read.head {
             v.validator.submit(job);

@@ -35,6 +35,8 @@ pub struct ScanSettings {
     pub rate: u32,
     /// Page size for the catalog and tag lists.
     pub page_size: u32,
+    /// Also check every image's config and layers.
+    pub blobs: bool,
     /// `Authorization` for the scan's own requests (service credentials). Never logged.
     pub auth: Option<HeaderValue>,
 }
@@ -384,6 +386,7 @@ impl Scanner {
             kind,
             auth: self.settings.auth.clone(),
             seen_at: Instant::now(),
+            blobs: self.settings.blobs,
         };
         let summary = self.inspector.validate(job).await;
         match summary.result {
@@ -508,6 +511,7 @@ pub async fn scan_once(
             concurrency,
             rate: 1000,
             page_size,
+            blobs: true,
             auth,
         },
         &metrics,

@@ -39,6 +39,9 @@ pub struct Job {
     pub auth: Option<HeaderValue>,
     /// When the response headers went to the client (detection latency starts here).
     pub seen_at: Instant,
+    /// Also check the images' config and layers (`validate.blobs` for served manifests,
+    /// `scan.blobs` for the scan).
+    pub blobs: bool,
 }
 
 struct ValidateMetrics {
@@ -255,6 +258,7 @@ struct Node<'a> {
     root_digest: &'a str,
     auth: Option<&'a HeaderValue>,
     seen_at: Instant,
+    blobs: bool,
 }
 
 impl Inspector {
@@ -303,12 +307,13 @@ impl Inspector {
             root_digest: &digest,
             auth: job.auth.as_ref(),
             seen_at: job.seen_at,
+            blobs: job.blobs,
         };
         let mut tally = Tally::default();
         match manifest.as_ref() {
             Manifest::Index { manifests } => self.walk_index(&node, manifests, 1, &mut tally).await,
             Manifest::Image { .. } => {
-                if self.settings.blobs {
+                if node.blobs {
                     self.check_image_blobs(&node, &manifest, "", &mut tally)
                         .await;
                 }
@@ -413,7 +418,7 @@ impl Inspector {
             if outcome != Outcome::Ok {
                 continue;
             }
-            let needs_content = self.settings.blobs
+            let needs_content = node.blobs
                 || crate::oci::manifest_kind(&child.media_type) == Some(ManifestKind::Index);
             if !needs_content {
                 continue;
@@ -430,7 +435,7 @@ impl Inspector {
                             Box::pin(self.walk_index(node, manifests, depth + 1, tally)).await
                         }
                         Manifest::Image { .. } => {
-                            if self.settings.blobs {
+                            if node.blobs {
                                 self.check_image_blobs(node, &m, &platform, tally).await;
                             }
                         }

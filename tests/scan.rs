@@ -249,3 +249,43 @@ fn scan_command_exits_0_healthy_1_broken_2_unreachable() {
     assert_eq!(code, Some(2));
     assert!(err.contains("--insecure"), "{err}");
 }
+
+#[test]
+fn scan_blobs_off_checks_manifests_only() {
+    let reg = Registry::start();
+    let img = oci::multi_arch("scan-blobs");
+    oci::push_multi_arch(&reg.url(), "blobs/app", "v1", &img, &[]);
+    reg.remove_layer_link("blobs/app", &img.image("amd64").layers[0].digest);
+    for (blobs, failures) in [("false", 0.0), ("true", 1.0)] {
+        let rg = scanning(
+            &reg,
+            &[
+                ("REGGUARD_SCAN_BLOBS", blobs),
+                ("REGGUARD_VALIDATE_ENABLED", "false"),
+            ],
+        );
+        let m = poll_until(Duration::from_secs(60), "the scan", || {
+            let m = rg.metrics();
+            (probe(&m, "registry_manifest_integrity_last_run_timestamp") > 0.0).then_some(m)
+        });
+        assert_eq!(
+            probe(&m, "registry_manifest_integrity_failures"),
+            failures,
+            "scan.blobs={blobs}"
+        );
+        let blob_checks: f64 = ["ok", "missing"]
+            .iter()
+            .map(|r| {
+                metric_value(
+                    &m,
+                    &format!("regguard_reference_checks_total{{kind=\"blob\",result=\"{r}\"}}"),
+                )
+            })
+            .sum();
+        assert_eq!(
+            blob_checks > 0.0,
+            blobs == "true",
+            "scan.blobs={blobs}: {blob_checks} blob checks"
+        );
+    }
+}
