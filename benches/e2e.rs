@@ -21,7 +21,6 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -63,21 +62,6 @@ fn cpu_seconds(pid: u32) -> f64 {
         }
     }
     total as f64 / tick
-}
-
-fn tls_connector(root_der: &[u8]) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(root_der.to_vec()))
-        .unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
@@ -673,7 +657,7 @@ fn main() {
         .build()
         .unwrap();
     let cert = TestCert::generate();
-    let connector = tls_connector(&cert.cert_der);
+    let connector = http::tls_connector(&cert.cert_der, b"http/1.1");
 
     // Real registry with a 1 GiB blob, a 16 MiB blob and the multi-arch test image.
     let reg = Registry::start();

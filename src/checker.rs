@@ -190,6 +190,59 @@ pub struct CheckerSettings {
     pub presence_entries: u64,
 }
 
+/// Parsed manifests kept by digest (content never changes); ~64 MiB of parsed form.
+const MANIFEST_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Presence answers kept per (repository, digest); an entry is ~200 bytes.
+const PRESENCE_CACHE_ENTRIES: u64 = 200_000;
+
+impl CheckerSettings {
+    /// Lifetimes from `[validate]`, cache bounds from the constants above.
+    pub fn from_validate(v: &crate::config::ValidateSettings) -> Self {
+        CheckerSettings {
+            ok_ttl: v.ok_ttl,
+            missing_ttl: v.missing_ttl,
+            check_timeout: v.check_timeout,
+            manifest_cache_bytes: MANIFEST_CACHE_BYTES,
+            presence_entries: PRESENCE_CACHE_ENTRIES,
+        }
+    }
+}
+
+/// A checker of its own, for the CLI (outside `serve`): the registry at `base`
+/// (`http://` or `https://`), default lifetimes, and the client it uses.
+pub struct Standalone {
+    pub checker: Arc<Checker>,
+    pub client: UpstreamClient,
+    pub upstream: Upstream,
+}
+
+impl Standalone {
+    /// `insecure` skips certificate verification (plain HTTP is the caller's decision).
+    pub fn new(base: &str, insecure: bool, registry: &Registry) -> Result<Self, String> {
+        let upstream = Upstream::parse_registry(base).map_err(|e| e.to_string())?;
+        let defaults = crate::config::Settings::from_toml("").map_err(|e| e.to_string())?;
+        let verify = if insecure {
+            crate::upstream::TlsVerify::None
+        } else {
+            crate::upstream::TlsVerify::System
+        };
+        let pools = crate::upstream::Pools::with_tls(Duration::from_secs(10), verify);
+        let client = pools.lean().clone();
+        let checker = Checker::new(
+            client.clone(),
+            upstream.clone(),
+            CheckerSettings::from_validate(&defaults.validate),
+            registry,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Standalone {
+            checker: Arc::new(checker),
+            client,
+            upstream,
+        })
+    }
+}
+
 struct PresenceExpiry {
     ok: Duration,
     missing: Duration,

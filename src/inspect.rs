@@ -364,32 +364,6 @@ pub async fn registry_url(host: &str, insecure: bool) -> String {
     }
 }
 
-/// A checker talking to the registry at `base` (`http://` or `https://`) directly, outside `serve`.
-pub fn standalone_checker(base: &str, insecure: bool) -> Result<Arc<Checker>, String> {
-    let upstream = crate::config::Upstream::parse_registry(base).map_err(|e| e.to_string())?;
-    let defaults = crate::config::Settings::from_toml("").map_err(|e| e.to_string())?;
-    let verify = if insecure {
-        crate::upstream::TlsVerify::None
-    } else {
-        crate::upstream::TlsVerify::System
-    };
-    let pools = crate::upstream::Pools::with_tls(std::time::Duration::from_secs(10), verify);
-    let checker = Checker::new(
-        pools.lean().clone(),
-        upstream,
-        crate::checker::CheckerSettings {
-            ok_ttl: defaults.validate.ok_ttl,
-            missing_ttl: defaults.validate.missing_ttl,
-            check_timeout: defaults.validate.check_timeout,
-            manifest_cache_bytes: 64 * 1024 * 1024,
-            presence_entries: 100_000,
-        },
-        &prometheus::Registry::new(),
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(Arc::new(checker))
-}
-
 /// Checks each image; `auth_for(host)` gives the credentials to use.
 pub async fn check_all(
     refs: &[(String, ImageRef)],
@@ -400,12 +374,13 @@ pub async fn check_all(
     for (text, r) in refs {
         let auth = auth_for(&r.host);
         let base = registry_url(&r.host, insecure).await;
-        let result = match standalone_checker(&base, insecure) {
-            Ok(checker) => {
-                check_image(&checker, &r.repository, &r.reference, auth.as_ref(), 4).await
-            }
-            Err(e) => Err(e),
-        };
+        let result =
+            match crate::checker::Standalone::new(&base, insecure, &prometheus::Registry::new()) {
+                Ok(crate::checker::Standalone { checker, .. }) => {
+                    check_image(&checker, &r.repository, &r.reference, auth.as_ref(), 4).await
+                }
+                Err(e) => Err(e),
+            };
         out.push(match result {
             Ok(tree) => {
                 let (broken, unchecked) = tree.tally();

@@ -457,30 +457,13 @@ pub async fn scan_once(
     page_size: u32,
     concurrency: usize,
 ) -> Result<OnceResult, String> {
-    let upstream = Upstream::parse_registry(registry).map_err(|e| e.to_string())?;
     let defaults = crate::config::Settings::from_toml("").map_err(|e| e.to_string())?;
     let metrics = Registry::new();
-    let verify = if insecure {
-        crate::upstream::TlsVerify::None
-    } else {
-        crate::upstream::TlsVerify::System
-    };
-    let pools = crate::upstream::Pools::with_tls(Duration::from_secs(10), verify);
-    let checker = Arc::new(
-        crate::checker::Checker::new(
-            pools.lean().clone(),
-            upstream.clone(),
-            crate::checker::CheckerSettings {
-                ok_ttl: defaults.validate.ok_ttl,
-                missing_ttl: defaults.validate.missing_ttl,
-                check_timeout: defaults.validate.check_timeout,
-                manifest_cache_bytes: 64 * 1024 * 1024,
-                presence_entries: 200_000,
-            },
-            &metrics,
-        )
-        .map_err(|e| e.to_string())?,
-    );
+    let crate::checker::Standalone {
+        checker,
+        client,
+        upstream,
+    } = crate::checker::Standalone::new(registry, insecure, &metrics)?;
     let integrity = Arc::new(
         crate::integrity::Integrity::new(&metrics, "cli", usize::MAX).map_err(|e| e.to_string())?,
     );
@@ -502,7 +485,7 @@ pub async fn scan_once(
         bar
     });
     let scanner = Scanner::new(
-        pools.lean().clone(),
+        client,
         upstream,
         validator.inspector(),
         ScanSettings {

@@ -38,11 +38,6 @@ const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 const H2_MAX_STREAMS: u32 = 256;
 
-/// Parsed manifests kept by digest (content never changes); ~64 MiB of parsed form.
-const MANIFEST_CACHE_BYTES: u64 = 64 * 1024 * 1024;
-/// Presence answers kept per (repository, digest); an entry is ~200 bytes.
-const PRESENCE_CACHE_ENTRIES: u64 = 200_000;
-
 /// Why `serve` could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -98,13 +93,7 @@ pub async fn serve(
     let checker = Arc::new(crate::checker::Checker::new(
         pools.lean().clone(),
         settings.upstream.clone(),
-        crate::checker::CheckerSettings {
-            ok_ttl: settings.validate.ok_ttl,
-            missing_ttl: settings.validate.missing_ttl,
-            check_timeout: settings.validate.check_timeout,
-            manifest_cache_bytes: MANIFEST_CACHE_BYTES,
-            presence_entries: PRESENCE_CACHE_ENTRIES,
-        },
+        crate::checker::CheckerSettings::from_validate(&settings.validate),
         metrics.registry(),
     )?);
     let integrity = Arc::new(crate::integrity::Integrity::new(

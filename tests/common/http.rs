@@ -262,22 +262,7 @@ pub fn https_send(
     req: Request<Full<Bytes>>,
 ) -> (String, Resp) {
     rt().block_on(async move {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls_pki_types::CertificateDer::from(root_der.to_vec()))
-            .unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        cfg.alpn_protocols = if h2 {
-            vec![b"h2".to_vec()]
-        } else {
-            vec![b"http/1.1".to_vec()]
-        };
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let connector = tls_connector(root_der, if h2 { b"h2" } else { b"http/1.1" });
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let tls = connector.connect(name, tcp).await.unwrap();
@@ -310,4 +295,20 @@ pub fn https_send(
             },
         )
     })
+}
+
+/// A TLS client trusting only `root_der`, offering one ALPN protocol.
+pub fn tls_connector(root_der: &[u8], alpn: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(root_der.to_vec()))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
