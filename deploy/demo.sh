@@ -57,7 +57,12 @@ YAML
 
 /usr/bin/docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 reg_pid=$!
-target/release/regguard serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
+for i in $(seq 1 100); do
+  curl -s -o /dev/null "http://127.0.0.1:$reg_port/v2/" && break
+  sleep 0.1
+done
+REGGUARD_SCAN_ENABLED=true REGGUARD_SCAN_INTERVAL=30s REGGUARD_METRICS_INSTANCE=demo \
+  target/release/regguard serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
   --upstream "http://127.0.0.1:$reg_port" >"$work/regguard.log" 2>&1 &
 rg_pid=$!
 printf 'pids="%s %s"\nwork=%s\n' "$rg_pid" "$reg_pid" "$work" >"$state"
@@ -119,8 +124,11 @@ regguard demo is up.
 Try:
   skopeo inspect --tls-verify=false --raw docker://$image
   curl -s http://127.0.0.1:$admin_port/metrics | grep '^regguard_requests_total'
+  curl -s http://127.0.0.1:$admin_port/metrics | grep '^registry_manifest_integrity'   # scan, every 30s
+  curl -s http://127.0.0.1:$admin_port/integrity          # broken references right now
+  target/release/regguard check --insecure $image         # the image as a tree
 Stop:
-  deploy/demo.sh stop
+  ./deploy/demo.sh stop
 
 MSG
 curl -s "http://127.0.0.1:$admin_port/metrics" | grep '^regguard_requests_total' | grep -v ' 0$' || true
