@@ -13,7 +13,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderValue;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, Registry};
+
+use crate::metrics::CounterSet;
 use serde::{Deserialize, Serialize};
 
 use crate::checker::{Checker, FetchError, Outcome, RefKind};
@@ -115,7 +117,7 @@ impl Verdict {
 pub struct Gate {
     checker: Arc<Checker>,
     pub settings: GateSettings,
-    results: IntCounterVec,
+    results: CounterSet,
     duration: Histogram,
 }
 
@@ -140,23 +142,13 @@ impl Gate {
         settings: GateSettings,
         registry: &Registry,
     ) -> Result<Self, prometheus::Error> {
-        let results = IntCounterVec::new(
-            Opts::new(
-                "regguard_push_gate_total",
-                "Manifest pushes by gate result (accepted, rejected, audit_would_reject, check_error, passthrough)",
-            ),
-            &["result"],
+        let results = CounterSet::new(
+            registry,
+            "regguard_push_gate_total",
+            "Manifest pushes by gate result (accepted, rejected, audit_would_reject, check_error, passthrough)",
+            "result",
+            &["accepted", "rejected", "audit_would_reject", "check_error", "passthrough"],
         )?;
-        registry.register(Box::new(results.clone()))?;
-        for r in [
-            "accepted",
-            "rejected",
-            "audit_would_reject",
-            "check_error",
-            "passthrough",
-        ] {
-            results.get_metric_with_label_values(&[r])?;
-        }
         let duration = Histogram::with_opts(
             HistogramOpts::new(
                 "regguard_push_gate_duration_seconds",
@@ -198,7 +190,7 @@ impl Gate {
 
     /// Counts one push under `result`.
     pub fn count(&self, result: &str) {
-        self.results.with_label_values(&[result]).inc();
+        self.results.inc(result);
     }
 
     /// Checks a pushed manifest body.

@@ -18,13 +18,56 @@ const METHODS: [&str; 8] = [
 /// Status classes; `none` is a request that ended before any status was sent (client gone).
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 /// Upstream/forwarding failures by kind (see `error::ForwardError::kind`, plus body-stage failures).
-pub const ERROR_KINDS: [&str; 5] = [
+pub static ERROR_KINDS: [&str; 5] = [
     "unreachable",
     "timeout",
     "client_aborted",
     "upstream_body",
     "idle_timeout",
 ];
+
+/// One counter per value of a single label, registered and looked up once.
+/// `inc` picks by value among a handful of static strings: no hashing, no lock.
+pub struct CounterSet {
+    values: &'static [&'static str],
+    counters: Vec<IntCounter>,
+}
+
+impl CounterSet {
+    /// Registers `name{label}` with every value in `values` present from the start (at 0).
+    pub fn new(
+        registry: &Registry,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &'static [&'static str],
+    ) -> Result<Self, prometheus::Error> {
+        let vec = registered(
+            registry,
+            IntCounterVec::new(Opts::new(name, help), &[label])?,
+        )?;
+        let counters = values
+            .iter()
+            .map(|v| vec.get_metric_with_label_values(&[v]))
+            .collect::<Result<_, _>>()?;
+        Ok(CounterSet { values, counters })
+    }
+
+    /// Counts one under `value` (a value not in the set is ignored).
+    pub fn inc(&self, value: &str) {
+        if let Some(i) = self.values.iter().position(|v| *v == value) {
+            self.counters[i].inc();
+        }
+    }
+
+    /// The current count under `value` (0 for an unknown value).
+    pub fn get(&self, value: &str) -> u64 {
+        self.values
+            .iter()
+            .position(|v| *v == value)
+            .map_or(0, |i| self.counters[i].get())
+    }
+}
 
 /// Index of a method in the `method` label set.
 pub fn method_index(method: &http::Method) -> usize {
@@ -49,7 +92,7 @@ pub struct Metrics {
     latency: Vec<Histogram>,
     bytes_in: Vec<IntCounter>,
     bytes_out: Vec<IntCounter>,
-    upstream_errors: Vec<IntCounter>,
+    upstream_errors: CounterSet,
     /// Client connections currently open, by listener (`public`).
     pub connections_open: IntGauge,
     /// Client connections accepted since start.
@@ -114,15 +157,12 @@ impl Metrics {
                 &["route"],
             )?,
         )?;
-        let upstream_errors = registered(
+        let upstream_errors = CounterSet::new(
             &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "regguard_upstream_errors_total",
-                    "Forwarding failures by kind (unreachable, timeout, client_aborted, upstream_body, idle_timeout)",
-                ),
-                &["kind"],
-            )?,
+            "regguard_upstream_errors_total",
+            "Forwarding failures by kind (unreachable, timeout, client_aborted, upstream_body, idle_timeout)",
+            "kind",
+            &ERROR_KINDS,
         )?;
         let connections = registered(
             &registry,
@@ -184,10 +224,7 @@ impl Metrics {
                 .collect::<Result<_, _>>()?,
             bytes_in: per_route(&bytes_in)?,
             bytes_out: per_route(&bytes_out)?,
-            upstream_errors: ERROR_KINDS
-                .iter()
-                .map(|k| upstream_errors.get_metric_with_label_values(&[k]))
-                .collect::<Result<_, _>>()?,
+            upstream_errors,
             connections_open: connections.get_metric_with_label_values(&["public"])?,
             connections_total,
             tls_handshake_failures,
@@ -226,9 +263,7 @@ impl Metrics {
 
     /// Counts a forwarding failure of the given kind (one of [`ERROR_KINDS`]).
     pub fn upstream_error(&self, kind: &str) {
-        if let Some(i) = ERROR_KINDS.iter().position(|k| *k == kind) {
-            self.upstream_errors[i].inc();
-        }
+        self.upstream_errors.inc(kind);
     }
 
     /// The registry, for callers (later subsystems) that add their own metrics.
@@ -276,6 +311,19 @@ mod tests {
             "regguard_requests_total{method=\"other\",route=\"other\",status_class=\"none\"} 1"
         ));
         assert!(text.contains("regguard_request_body_bytes_total{route=\"upload\"} 10"));
+    }
+
+    #[test]
+    fn counter_set_counts_known_values_and_ignores_others() {
+        let reg = Registry::new();
+        let set = CounterSet::new(&reg, "t_total", "t", "result", &["ok", "bad"]).unwrap();
+        set.inc("bad");
+        set.inc("bad");
+        set.inc("unknown");
+        assert_eq!(
+            (set.get("ok"), set.get("bad"), set.get("unknown")),
+            (0, 2, 0)
+        );
     }
 
     #[test]

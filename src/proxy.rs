@@ -72,10 +72,10 @@ pub struct Validation {
     pub blobs: bool,
 }
 
-/// What the response tap needs to know about a manifest or blob read.
+/// What the response tap needs to know about a manifest or blob read
+/// (the repository is the exchange's own copy).
 struct ReadCtx {
     kind: RefKind,
-    repository: String,
     reference: String,
     auth: Option<HeaderValue>,
     head: bool,
@@ -148,7 +148,8 @@ impl Proxy {
             match forwarded {
                 Ok(mut resp) => {
                     if let Some(read) = read {
-                        self.tap_response(read, &mut resp);
+                        let repository = exchange.repository.as_deref().unwrap_or("");
+                        self.tap_response(read, repository, &mut resp);
                     }
                     resp
                 }
@@ -373,9 +374,9 @@ impl Proxy {
             Method::HEAD => true,
             _ => return None,
         };
+        route.repository?;
         Some(ReadCtx {
             kind,
-            repository: route.repository?.to_owned(),
             reference: route.reference?.to_owned(),
             auth: req.headers().get(header::AUTHORIZATION).cloned(),
             head,
@@ -384,12 +385,12 @@ impl Proxy {
 
     /// Phase 4½: hand a served manifest to validation; count 404s by digest.
     /// Never delays the response: a HEAD's job is queued now, a GET's body is copied as it streams.
-    fn tap_response(&self, read: ReadCtx, resp: &mut Response<ResponseBody>) {
+    fn tap_response(&self, read: ReadCtx, repository: &str, resp: &mut Response<ResponseBody>) {
         let Some(v) = &self.validation else { return };
         let status = resp.status();
         if status == StatusCode::NOT_FOUND && oci::is_sha256_digest(&read.reference) {
             v.validator
-                .client_not_found(read.kind, &read.repository, &read.reference);
+                .client_not_found(read.kind, repository, &read.reference);
             return;
         }
         if status != StatusCode::OK || read.kind != RefKind::Manifest {
@@ -413,13 +414,13 @@ impl Proxy {
             .map(str::to_owned);
         let kind = kind.unwrap_or(ManifestKind::Index);
         if let Some(d) = &digest {
-            if v.validator.recently_ok(&read.repository, d, kind) {
+            if v.validator.recently_ok(repository, d, kind) {
                 return;
             }
         }
         let job = Job {
             digest,
-            repository: read.repository,
+            repository: repository.to_owned(),
             reference: read.reference,
             body: None,
             kind,

@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::metrics::CounterSet;
 use bytes::Bytes;
 use http::HeaderValue;
 use moka::sync::Cache;
@@ -45,11 +46,12 @@ pub struct Job {
 }
 
 struct ValidateMetrics {
-    index_checks: IntCounterVec,
+    index_checks: CounterSet,
     queue_depth: IntGauge,
     dropped: IntCounter,
     detection: Histogram,
-    not_found: IntCounterVec,
+    /// `regguard_client_not_found_total`, indexed `[kind: manifest, blob][referenced: false, true]`.
+    not_found: [[IntCounter; 2]; 2],
 }
 
 /// The validator: the queue the forwarding path submits to, and its workers.
@@ -106,17 +108,13 @@ impl Validator {
         integrity: Arc<Integrity>,
         registry: &Registry,
     ) -> Result<Arc<Self>, prometheus::Error> {
-        let index_checks = IntCounterVec::new(
-            Opts::new(
-                "regguard_index_checks_total",
-                "Index validations by result (ok, broken, unauthorized, error)",
-            ),
-            &["result"],
+        let index_checks = CounterSet::new(
+            registry,
+            "regguard_index_checks_total",
+            "Index validations by result (ok, broken, unauthorized, error)",
+            "result",
+            &["ok", "broken", "unauthorized", "error"],
         )?;
-        registry.register(Box::new(index_checks.clone()))?;
-        for r in ["ok", "broken", "unauthorized", "error"] {
-            index_checks.get_metric_with_label_values(&[r])?;
-        }
         let queue_depth =
             IntGauge::new("regguard_validation_queue_depth", "Validation jobs waiting")?;
         registry.register(Box::new(queue_depth.clone()))?;
@@ -143,11 +141,11 @@ impl Validator {
             &["kind", "referenced"],
         )?;
         registry.register(Box::new(not_found.clone()))?;
-        for k in ["manifest", "blob"] {
-            for r in ["true", "false"] {
-                not_found.get_metric_with_label_values(&[k, r])?;
-            }
-        }
+        let nf = |k: &str, r: &str| not_found.get_metric_with_label_values(&[k, r]);
+        let not_found = [
+            [nf("manifest", "false")?, nf("manifest", "true")?],
+            [nf("blob", "false")?, nf("blob", "true")?],
+        ];
 
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let shared = Arc::new(Shared {
@@ -203,11 +201,7 @@ impl Validator {
             .recent_ok
             .contains_key(&(Arc::from(repository), Arc::from(digest)));
         if hit && kind == ManifestKind::Index {
-            self.shared
-                .metrics
-                .index_checks
-                .with_label_values(&["ok"])
-                .inc();
+            self.shared.metrics.index_checks.inc("ok");
         }
         hit
     }
@@ -218,11 +212,8 @@ impl Validator {
             .shared
             .referenced
             .contains_key(&(Arc::from(repository), Arc::from(digest)));
-        self.shared
-            .metrics
-            .not_found
-            .with_label_values(&[kind.as_str(), if referenced { "true" } else { "false" }])
-            .inc();
+        let k = usize::from(kind == RefKind::Blob);
+        self.shared.metrics.not_found[k][usize::from(referenced)].inc();
     }
 }
 
@@ -353,11 +344,7 @@ impl Inspector {
 
     fn count_index(&self, kind: ManifestKind, label: &str) {
         if kind == ManifestKind::Index {
-            self.shared
-                .metrics
-                .index_checks
-                .with_label_values(&[label])
-                .inc();
+            self.shared.metrics.index_checks.inc(label);
         }
     }
 
