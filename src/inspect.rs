@@ -270,6 +270,49 @@ async fn image_blobs(
     out
 }
 
+/// Where the CLI's credentials come from: `--user`, else `REGGUARD_USER` + `REGGUARD_PASSWORD`,
+/// else the docker config file's entry for the registry's host.
+pub struct Credentials {
+    explicit: Option<HeaderValue>,
+    docker_config: Option<String>,
+}
+
+impl Credentials {
+    /// Reads `--user` / the environment, and the docker config file if there is one.
+    pub fn from_cli(user: Option<&str>) -> Result<Self, String> {
+        let user = user.map(str::to_owned).or_else(|| {
+            let u = std::env::var("REGGUARD_USER").ok()?;
+            let p = std::env::var("REGGUARD_PASSWORD").ok()?;
+            Some(format!("{u}:{p}"))
+        });
+        let explicit = user
+            .map(|u| crate::config::basic_auth(&u))
+            .transpose()
+            .map_err(|e| format!("--user: {e}"))?;
+        let docker_config = std::env::var("DOCKER_CONFIG")
+            .map(|d| std::path::PathBuf::from(d).join("config.json"))
+            .or_else(|_| {
+                std::env::var("HOME")
+                    .map(|h| std::path::PathBuf::from(h).join(".docker/config.json"))
+            })
+            .ok()
+            .and_then(|p| std::fs::read_to_string(p).ok());
+        Ok(Credentials {
+            explicit,
+            docker_config,
+        })
+    }
+
+    /// The `Authorization` to send to `host`, if any.
+    pub fn for_host(&self, host: &str) -> Option<HeaderValue> {
+        self.explicit.clone().or_else(|| {
+            self.docker_config
+                .as_deref()
+                .and_then(|c| docker_config_auth(c, host))
+        })
+    }
+}
+
 /// Credentials for `host` from a docker config file (`auths.<host>.auth`, or username/password).
 pub fn docker_config_auth(config_json: &str, host: &str) -> Option<HeaderValue> {
     let v: serde_json::Value = serde_json::from_str(config_json).ok()?;
@@ -361,6 +404,24 @@ pub async fn registry_url(host: &str, insecure: bool) -> String {
         format!("https://{host}")
     } else {
         format!("http://{host}")
+    }
+}
+
+impl CheckResult {
+    /// The tree and a one-line verdict, for people (errors go to stderr separately).
+    pub fn render_text(&self) -> String {
+        let Some(tree) = &self.tree else {
+            return String::new();
+        };
+        let mut out = format!("{}\n", self.image);
+        tree.render(&mut out, "", true, true);
+        let verdict = if self.healthy {
+            "healthy".to_string()
+        } else {
+            format!("{} broken, {} not checked", self.broken, self.unchecked)
+        };
+        out.push_str(&format!("=> {verdict}\n\n"));
+        out
     }
 }
 

@@ -35,6 +35,28 @@ struct CheckArgs {
     /// Images, e.g. registry.example:5050/infra-ci:latest or host:port/repo@sha256:...
     #[arg(required = true, value_name = "REF")]
     refs: Vec<String>,
+    #[command(flatten)]
+    access: Access,
+}
+
+#[derive(Debug, clap::Args)]
+struct ScanArgs {
+    /// The registry, e.g. https://registry.example:5050 or http://registry-private:5000.
+    #[arg(long, env = "REGGUARD_REGISTRY", value_name = "URL")]
+    registry: String,
+    /// Catalog and tag-list page size.
+    #[arg(long, default_value_t = 100)]
+    page_size: u32,
+    /// Tags checked at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    #[command(flatten)]
+    access: Access,
+}
+
+/// How the CLI reaches a registry and reports, shared by `check` and `scan`.
+#[derive(Debug, clap::Args)]
+struct Access {
     /// Credentials as USER:PASSWORD (also REGGUARD_USER / REGGUARD_PASSWORD; else the docker
     /// config file's `auths`, from $DOCKER_CONFIG or ~/.docker/config.json).
     #[arg(long, value_name = "USER:PASSWORD")]
@@ -47,28 +69,6 @@ struct CheckArgs {
     /// (SSL_CERT_FILE / SSL_CERT_DIR are honoured).
     #[arg(long)]
     insecure: bool,
-}
-
-#[derive(Debug, clap::Args)]
-struct ScanArgs {
-    /// The registry, e.g. http://registry-private:5000.
-    #[arg(long, env = "REGGUARD_REGISTRY", value_name = "URL")]
-    registry: String,
-    /// Credentials as USER:PASSWORD (also REGGUARD_USER / REGGUARD_PASSWORD).
-    #[arg(long, value_name = "USER:PASSWORD")]
-    user: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "text")]
-    format: OutputFormat,
-    /// Allow plain HTTP (required for http:// registries) and skip TLS certificate verification.
-    #[arg(long)]
-    insecure: bool,
-    /// Catalog and tag-list page size.
-    #[arg(long, default_value_t = 100)]
-    page_size: u32,
-    /// Tags checked at once.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -103,171 +103,120 @@ fn main() -> ExitCode {
     }
 }
 
-fn env_user() -> Option<String> {
-    let u = std::env::var("REGGUARD_USER").ok()?;
-    let p = std::env::var("REGGUARD_PASSWORD").ok()?;
-    Some(format!("{u}:{p}"))
+/// Ends a CLI command that could not run: exit code 2 with the reason on stderr.
+fn cannot(command: &str, msg: &str) -> ExitCode {
+    eprintln!("regguard {command}: {msg}");
+    ExitCode::from(2)
+}
+
+/// 0 healthy, 1 broken references found, 2 something could not be checked.
+fn verdict(broken: bool, unchecked: bool) -> ExitCode {
+    match (broken, unchecked) {
+        (true, _) => ExitCode::from(1),
+        (false, true) => ExitCode::from(2),
+        (false, false) => ExitCode::SUCCESS,
+    }
+}
+
+fn cli_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// Prints `value` as JSON, or `text()` for people.
+fn report<T: serde::Serialize>(
+    format: OutputFormat,
+    value: &T,
+    text: impl FnOnce() -> String,
+) -> Result<(), String> {
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).map_err(|e| e.to_string())?
+        ),
+        OutputFormat::Text => print!("{}", text()),
+    }
+    Ok(())
 }
 
 fn check(args: CheckArgs) -> ExitCode {
-    let fail = |msg: &str| {
-        eprintln!("regguard check: {msg}");
-        ExitCode::from(2)
-    };
-    let mut refs = Vec::new();
-    for r in &args.refs {
-        match regguard::inspect::ImageRef::parse(r) {
-            Ok(p) => refs.push((r.clone(), p)),
-            Err(e) => return fail(&e),
-        }
-    }
-    let explicit = match args
-        .user
-        .clone()
-        .or_else(env_user)
-        .map(|u| regguard::config::basic_auth(&u))
-        .transpose()
+    let refs = match args
+        .refs
+        .iter()
+        .map(|r| regguard::inspect::ImageRef::parse(r).map(|p| (r.clone(), p)))
+        .collect::<Result<Vec<_>, _>>()
     {
-        Ok(a) => a,
-        Err(e) => return fail(&format!("--user: {e}")),
+        Ok(r) => r,
+        Err(e) => return cannot("check", &e),
     };
-    let docker_config = std::env::var("DOCKER_CONFIG")
-        .map(|d| std::path::PathBuf::from(d).join("config.json"))
-        .or_else(|_| {
-            std::env::var("HOME").map(|h| std::path::PathBuf::from(h).join(".docker/config.json"))
-        })
-        .ok()
-        .and_then(|p| std::fs::read_to_string(p).ok());
-    let auth_for = |host: &str| {
-        explicit.clone().or_else(|| {
-            docker_config
-                .as_deref()
-                .and_then(|c| regguard::inspect::docker_config_auth(c, host))
-        })
+    let credentials = match regguard::inspect::Credentials::from_cli(args.access.user.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return cannot("check", &e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match cli_runtime() {
         Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+        Err(e) => return cannot("check", &e),
     };
-    let results = runtime.block_on(regguard::inspect::check_all(&refs, args.insecure, auth_for));
-    match args.format {
-        OutputFormat::Json => match serde_json::to_string_pretty(&results) {
-            Ok(j) => println!("{j}"),
-            Err(e) => return fail(&e.to_string()),
-        },
-        OutputFormat::Text => {
-            for r in &results {
-                match (&r.tree, &r.error) {
-                    (Some(tree), _) => {
-                        let mut out = String::new();
-                        tree.render(&mut out, "", true, true);
-                        println!("{}", r.image);
-                        print!("{out}");
-                        let verdict = if r.healthy {
-                            "healthy".to_string()
-                        } else {
-                            format!("{} broken, {} not checked", r.broken, r.unchecked)
-                        };
-                        println!("=> {verdict}\n");
-                    }
-                    (None, Some(e)) => eprintln!("regguard check: {}: {e}", r.image),
-                    (None, None) => {}
-                }
-            }
+    let results = runtime.block_on(regguard::inspect::check_all(
+        &refs,
+        args.access.insecure,
+        |host| credentials.for_host(host),
+    ));
+    for r in &results {
+        if let Some(e) = &r.error {
+            eprintln!("regguard check: {}: {e}", r.image);
         }
     }
-    if results.iter().any(|r| r.broken > 0) {
-        ExitCode::from(1)
-    } else if results.iter().any(|r| !r.healthy) {
-        ExitCode::from(2)
-    } else {
-        ExitCode::SUCCESS
+    if let Err(e) = report(args.access.format, &results, || {
+        results.iter().map(|r| r.render_text()).collect()
+    }) {
+        return cannot("check", &e);
     }
+    verdict(
+        results.iter().any(|r| r.broken > 0),
+        results.iter().any(|r| !r.healthy),
+    )
 }
 
 fn scan(args: ScanArgs) -> ExitCode {
-    let fail = |msg: &str| {
-        eprintln!("regguard scan: {msg}");
-        ExitCode::from(2)
-    };
-    if args.registry.starts_with("http://") && !args.insecure {
-        return fail("refusing plain HTTP without --insecure (credentials and results would cross the network in clear text)");
+    if args.registry.starts_with("http://") && !args.access.insecure {
+        return cannot("scan", "refusing plain HTTP without --insecure (credentials and results would cross the network in clear text)");
     }
-    let user = args.user.clone().or_else(env_user);
-    let auth = match user.map(|u| regguard::config::basic_auth(&u)).transpose() {
-        Ok(a) => a,
-        Err(e) => return fail(&format!("--user: {e}")),
+    let credentials = match regguard::inspect::Credentials::from_cli(args.access.user.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return cannot("scan", &e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let host = args
+        .registry
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .trim_end_matches('/');
+    let runtime = match cli_runtime() {
         Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+        Err(e) => return cannot("scan", &e),
     };
     let result = runtime.block_on(regguard::scan::scan_once(
         &args.registry,
-        args.insecure,
-        auth,
+        args.access.insecure,
+        credentials.for_host(host),
         args.page_size,
         args.concurrency,
     ));
     let result = match result {
         Ok(r) => r,
-        Err(e) => return fail(&e),
+        Err(e) => return cannot("scan", &e),
     };
-    match args.format {
-        OutputFormat::Json => match serde_json::to_string_pretty(&result) {
-            Ok(j) => println!("{j}"),
-            Err(e) => return fail(&e.to_string()),
-        },
-        OutputFormat::Text => {
-            let r = &result.report;
-            println!("registry        {}", result.registry);
-            println!(
-                "catalog         {}",
-                if r.catalog_accessible {
-                    "readable"
-                } else {
-                    "NOT readable"
-                }
-            );
-            println!("repositories    {}", r.repositories);
-            println!("tags            {}", r.tags);
-            println!("indexes         {}", r.indexes);
-            println!("broken refs     {}", r.broken_references);
-            println!("errors          {}", r.errors);
-            println!("took            {:.1}s", r.duration_seconds);
-            for b in &result.broken {
-                println!(
-                    "BROKEN {}:{} index {} -> {} {} ({}): {}",
-                    b.repository,
-                    b.reference,
-                    b.index_digest,
-                    b.kind.as_str(),
-                    b.child_digest,
-                    if b.platform.is_empty() {
-                        "-"
-                    } else {
-                        &b.platform
-                    },
-                    b.upstream_said
-                );
-            }
-        }
+    if let Err(e) = report(args.access.format, &result, || result.render_text()) {
+        return cannot("scan", &e);
     }
-    if !result.report.catalog_accessible {
-        ExitCode::from(2)
-    } else if !result.broken.is_empty() {
-        ExitCode::from(1)
-    } else if result.report.errors > 0 {
-        ExitCode::from(2)
-    } else {
-        ExitCode::SUCCESS
-    }
+    let r = &result.report;
+    verdict(
+        !result.broken.is_empty(),
+        !r.catalog_accessible || r.errors > 0,
+    )
 }
 
 fn serve(args: ServeArgs) -> ExitCode {

@@ -449,6 +449,41 @@ pub struct OnceResult {
     pub broken: Vec<crate::integrity::BrokenRef>,
 }
 
+impl OnceResult {
+    /// The summary and every broken reference, for people.
+    pub fn render_text(&self) -> String {
+        let r = &self.report;
+        let mut out = format!(
+            "registry        {}\ncatalog         {}\nrepositories    {}\ntags            {}\nindexes         {}\nbroken refs     {}\nerrors          {}\ntook            {:.1}s\n",
+            self.registry,
+            if r.catalog_accessible { "readable" } else { "NOT readable" },
+            r.repositories,
+            r.tags,
+            r.indexes,
+            r.broken_references,
+            r.errors,
+            r.duration_seconds
+        );
+        for b in &self.broken {
+            out.push_str(&format!(
+                "BROKEN {}:{} index {} -> {} {} ({}): {}\n",
+                b.repository,
+                b.reference,
+                b.index_digest,
+                b.kind.as_str(),
+                b.child_digest,
+                if b.platform.is_empty() {
+                    "-"
+                } else {
+                    &b.platform
+                },
+                b.upstream_said
+            ));
+        }
+        out
+    }
+}
+
 /// One scan of `registry` (an `http://` or `https://` URL) outside `serve`, for the CLI.
 pub async fn scan_once(
     registry: &str,
