@@ -43,6 +43,19 @@ fn wait_metric(rg: &Regguard, series: &str, pred: impl Fn(f64) -> bool) -> Strin
     )
 }
 
+/// Index validations finished, whatever their result.
+fn index_checks_total(metrics: &str) -> f64 {
+    ["ok", "broken", "unauthorized", "error"]
+        .iter()
+        .map(|r| {
+            metric_value(
+                metrics,
+                &format!("regguard_index_checks_total{{result=\"{r}\"}}"),
+            )
+        })
+        .sum()
+}
+
 /// Lines of `regguard_broken_reference_info` naming `digest`.
 fn info_lines(metrics: &str, digest: &str) -> Vec<String> {
     metrics
@@ -317,15 +330,7 @@ fn checks_carry_the_clients_credentials_and_401s_are_never_broken() {
     let m = wait_metric(&rg, r#"regguard_index_checks_total{result="ok"}"#, |v| {
         v == 1.0
     });
-    let total: f64 = ["ok", "broken", "unauthorized", "error"]
-        .iter()
-        .map(|r| {
-            metric_value(
-                &m,
-                &format!("regguard_index_checks_total{{result=\"{r}\"}}"),
-            )
-        })
-        .sum();
+    let total = index_checks_total(&m);
     assert_eq!(total, 1.0, "the anonymous 401 caused no validation");
     assert!(
         metric_value(
@@ -411,15 +416,7 @@ fn a_flood_of_distinct_indexes_drops_validation_work_not_client_requests() {
     // Every job was either validated or dropped and counted; the queue drains.
     let m = poll_until(WAIT, "the validation queue to drain", || {
         let m = rg.metrics();
-        let done: f64 = ["ok", "broken", "unauthorized", "error"]
-            .iter()
-            .map(|r| {
-                metric_value(
-                    &m,
-                    &format!("regguard_index_checks_total{{result=\"{r}\"}}"),
-                )
-            })
-            .sum();
+        let done = index_checks_total(&m);
         (done + metric_value(&m, "regguard_validation_dropped_total") == n as f64).then_some(m)
     });
     assert!(

@@ -205,16 +205,25 @@ pub fn multi_arch(seed: &str) -> MultiArch {
 
 /// Writes the image as an OCI image layout (for skopeo's `oci:` transport).
 pub fn write_layout(img: &MultiArch, dir: &Path, tag: &str) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
     let mut all: Vec<&Blob> = img.blobs();
     all.extend(img.children().iter().map(|c| &c.manifest));
     all.push(&img.index);
-    for b in all {
-        std::fs::write(blobs.join(b.digest.trim_start_matches("sha256:")), &b.data).unwrap();
+    write_layout_files(dir, &all, &img.index, tag);
+}
+
+/// An OCI image layout holding `blobs`, with `top` tagged `tag` in its index.json.
+fn write_layout_files(dir: &Path, blobs: &[&Blob], top: &Blob, tag: &str) {
+    let blob_dir = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blob_dir).unwrap();
+    for b in blobs {
+        std::fs::write(
+            blob_dir.join(b.digest.trim_start_matches("sha256:")),
+            &b.data,
+        )
+        .unwrap();
     }
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let mut d = img.index.descriptor();
+    let mut d = top.descriptor();
     d["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
     let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [d]});
     std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
@@ -337,19 +346,9 @@ pub fn docker_list(seed: &str) -> MultiArch {
 
 /// Writes one platform image alone as an OCI layout (a single-platform image).
 pub fn write_image_layout(img: &PlatformImage, dir: &Path, tag: &str) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    for b in std::iter::once(&img.config)
-        .chain(&img.layers)
-        .chain(std::iter::once(&img.manifest))
-    {
-        std::fs::write(blobs.join(b.digest.trim_start_matches("sha256:")), &b.data).unwrap();
-    }
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let mut d = img.manifest.descriptor();
-    d["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
-    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [d]});
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    let mut all: Vec<&Blob> = std::iter::once(&img.config).chain(&img.layers).collect();
+    all.push(&img.manifest);
+    write_layout_files(dir, &all, &img.manifest, tag);
 }
 
 /// Uploads the first `size` bytes of the test pattern as one blob (POST, then a streamed
