@@ -18,6 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::budget::Held;
 use crate::proxy::Exchange;
 use crate::validate::{Job, Validator};
 
@@ -44,6 +45,10 @@ pub struct Tally {
     pub response_failed: AtomicBool,
     /// The response body reached its end.
     pub response_complete: AtomicBool,
+    /// Signalled once the request body has been read to its end (and so handed to
+    /// the upstream): the wait for the response head starts then, as nginx's
+    /// `proxy_read_timeout` does, so a long upload is never cut while data flows.
+    pub request_done: tokio::sync::Notify,
 }
 
 /// A body stalled longer than the idle timeout.
@@ -107,8 +112,13 @@ where
                 }
                 // A body with a known length ends with its last data frame; hyper
                 // never polls it again for the `None`.
-                if *this.direction == Direction::Response && this.inner.is_end_stream() {
-                    this.tally.response_complete.store(true, Ordering::Relaxed);
+                if this.inner.is_end_stream() {
+                    match this.direction {
+                        Direction::Response => {
+                            this.tally.response_complete.store(true, Ordering::Relaxed)
+                        }
+                        Direction::Request => this.tally.request_done.notify_one(),
+                    }
                 }
                 // One clock read per frame; the timer itself is only re-armed when it fires.
                 *this.last_frame = Instant::now();
@@ -119,8 +129,11 @@ where
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
-                if *this.direction == Direction::Response {
-                    this.tally.response_complete.store(true, Ordering::Relaxed);
+                match this.direction {
+                    Direction::Response => {
+                        this.tally.response_complete.store(true, Ordering::Relaxed)
+                    }
+                    Direction::Request => this.tally.request_done.notify_one(),
                 }
                 Poll::Ready(None)
             }
@@ -221,16 +234,21 @@ pub struct Tap {
     len: usize,
     overflow: bool,
     job: Option<Job>,
+    /// The copy's share of the manifest memory budget (sized by `Content-Length`).
+    held: Option<Held>,
+    limit: usize,
     validator: Arc<Validator>,
 }
 
 impl Tap {
-    pub fn new(job: Job, validator: Arc<Validator>) -> Self {
+    pub fn new(job: Job, held: Held, validator: Arc<Validator>) -> Self {
         Tap {
             parts: Vec::new(),
             len: 0,
             overflow: false,
             job: Some(job),
+            limit: held.bytes().min(crate::oci::MAX_MANIFEST_BYTES),
+            held: Some(held),
             validator,
         }
     }
@@ -240,7 +258,8 @@ impl Tap {
             return;
         }
         self.len += data.len();
-        if self.len > crate::oci::MAX_MANIFEST_BYTES {
+        // Never more than the share it holds, whatever the upstream sends.
+        if self.len > self.limit {
             self.overflow = true;
             self.parts = Vec::new();
         } else {
@@ -258,7 +277,9 @@ impl Tap {
                 body.extend_from_slice(&p);
             }
             job.body = Some(body.freeze());
+            job.held = self.held.take();
         }
+        self.held = None;
         self.validator.submit(job);
     }
 }

@@ -10,6 +10,7 @@
 //! facts, not verdicts, so the same entry answers descriptors of any size.
 //! Concurrent questions for one key share one upstream request.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,76 @@ impl RefKind {
             RefKind::Manifest => "manifests",
             RefKind::Blob => "blobs",
         }
+    }
+}
+
+/// Default for the references one walk may ask about (`gate.max_references`,
+/// `validate.max_references`). A real multi-platform image is far below it: 30
+/// platforms with 60 layers each, plus attestations, is about 2,000 references.
+/// A crafted index can list ~25,000 distinct digests in 4 MiB; each costs the
+/// registry a request (and, with htpasswd, a bcrypt check), so the bound is
+/// also the worst amplification one push or pull can cause.
+pub const DEFAULT_MAX_REFERENCES: usize = 4096;
+
+/// Steps between yields to the scheduler: a walk answered from caches never
+/// awaits anything else, and must not hold an executor thread for long.
+const YIELD_EVERY: usize = 16;
+
+/// A walk asked about more distinct references than its budget allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the manifest tree references more than {0} distinct manifests and blobs")]
+pub struct OverBudget(pub usize);
+
+/// Bounds one walk over a manifest tree (serve-time validation, the gate, the
+/// scan, `check`): each distinct (kind, digest) is visited once, at most
+/// `budget` are visited, and the walk yields to the scheduler every few steps.
+/// An index of 1000 copies of an index of 1000 copies of an image is a handful
+/// of references, not a billion.
+pub struct Walk {
+    manifests: HashSet<String>,
+    blobs: HashSet<String>,
+    budget: usize,
+    steps: usize,
+}
+
+impl Walk {
+    pub fn new(budget: usize) -> Self {
+        Walk {
+            manifests: HashSet::new(),
+            blobs: HashSet::new(),
+            budget,
+            steps: 0,
+        }
+    }
+
+    /// `Ok(true)` the first time a reference is met in this walk, `Ok(false)` after;
+    /// [`OverBudget`] when a new one would exceed the budget.
+    pub async fn visit(&mut self, kind: RefKind, digest: &str) -> Result<bool, OverBudget> {
+        self.steps += 1;
+        if self.steps % YIELD_EVERY == 0 {
+            tokio::task::yield_now().await;
+        }
+        let set = match kind {
+            RefKind::Manifest => &mut self.manifests,
+            RefKind::Blob => &mut self.blobs,
+        };
+        if set.contains(digest) {
+            return Ok(false);
+        }
+        if self.manifests.len() + self.blobs.len() >= self.budget {
+            return Err(OverBudget(self.budget));
+        }
+        let set = match kind {
+            RefKind::Manifest => &mut self.manifests,
+            RefKind::Blob => &mut self.blobs,
+        };
+        set.insert(digest.to_owned());
+        Ok(true)
+    }
+
+    /// Distinct references visited so far.
+    pub fn visited(&self) -> usize {
+        self.manifests.len() + self.blobs.len()
     }
 }
 
@@ -131,7 +202,7 @@ pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outc
             media_type,
         } => {
             if let (true, Some(found)) = (strict_media && !desc.media_type.is_empty(), media_type) {
-                if *found != desc.media_type {
+                if !oci::same_media_type(found, &desc.media_type) {
                     return Outcome::Mismatch {
                         what: "media type",
                         expected: desc.media_type.clone(),
@@ -389,6 +460,28 @@ impl Checker {
         outcome
     }
 
+    /// Asks the upstream now, never from the cache, and caches the answer. The gate's
+    /// first question of every push: it also shows whether the pusher may read the
+    /// repository at all, before any cached answer is given to it.
+    pub async fn check_fresh(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        kind: RefKind,
+        auth: Option<&HeaderValue>,
+        strict_media: bool,
+    ) -> Outcome {
+        let presence = self.ask(repo, &desc.digest, kind, auth).await;
+        self.metrics.misses.inc();
+        if matches!(presence, Presence::Found { .. } | Presence::NotFound) {
+            let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
+            self.presence.insert(key, presence.clone()).await;
+        }
+        let outcome = judge(&presence, desc, strict_media);
+        self.count(kind, &outcome);
+        outcome
+    }
+
     /// Checks without trusting a cached negative answer (a reference may have just appeared).
     pub async fn recheck(
         &self,
@@ -598,14 +691,19 @@ impl Checker {
             }
         })?
         .to_bytes();
-        let found = oci::sha256_digest(&body);
+        let (found, parsed) = digest_and_parse(body, hint).await;
         if found != digest {
             return Err(FetchError::DigestMismatch {
                 expected: digest.to_string(),
                 found,
             });
         }
-        Ok(Arc::new(Manifest::parse(&body, hint)?))
+        Ok(Arc::new(parsed?))
+    }
+
+    /// Caches the parsed form of content whose sha256 the caller has computed.
+    pub async fn cache_manifest(&self, digest: &str, manifest: Arc<Manifest>) {
+        self.manifests.insert(Arc::from(digest), manifest).await;
     }
 
     /// Parses manifest bytes whose digest must be `digest`, and caches the result.
@@ -615,21 +713,47 @@ impl Checker {
         body: &Bytes,
         hint: Option<ManifestKind>,
     ) -> Result<Arc<Manifest>, FetchError> {
-        let found = oci::sha256_digest(body);
+        if let Some(m) = self.manifests.get(digest).await {
+            if body.len() < OFF_THREAD_BYTES || oci::sha256_digest(body) == digest {
+                return Ok(m);
+            }
+        }
+        let (found, parsed) = digest_and_parse(body.clone(), hint).await;
         if found != digest {
             return Err(FetchError::DigestMismatch {
                 expected: digest.to_string(),
                 found,
             });
         }
-        if let Some(m) = self.manifests.get(digest).await {
-            return Ok(m);
-        }
-        let parsed = Arc::new(Manifest::parse(body, hint)?);
+        let parsed = Arc::new(parsed?);
         self.manifests
             .insert(Arc::from(digest), parsed.clone())
             .await;
         Ok(parsed)
+    }
+}
+
+/// Manifests at least this large are hashed and parsed on the blocking pool: a
+/// 4 MiB manifest takes tens of milliseconds of CPU, which must not hold an
+/// executor thread that serves clients.
+pub const OFF_THREAD_BYTES: usize = 64 * 1024;
+
+/// The sha256 of `body` and its parsed form (as the registry reads it), off the
+/// executor threads when large.
+pub async fn digest_and_parse(
+    body: Bytes,
+    hint: Option<ManifestKind>,
+) -> (String, Result<Manifest, oci::ParseError>) {
+    if body.len() < OFF_THREAD_BYTES {
+        return (oci::sha256_digest(&body), Manifest::parse(&body, hint));
+    }
+    let work = move || (oci::sha256_digest(&body), Manifest::parse(&body, hint));
+    match tokio::task::spawn_blocking(work).await {
+        Ok(r) => r,
+        Err(e) => (
+            String::new(),
+            Err(oci::ParseError::NotJson(format!("parser task failed: {e}"))),
+        ),
     }
 }
 
@@ -645,6 +769,20 @@ mod tests {
             platform: None,
             urls: vec![],
         }
+    }
+
+    #[tokio::test]
+    async fn a_walk_visits_each_reference_once_within_its_budget() {
+        let mut w = Walk::new(3);
+        let d = |i: u8| oci::sha256_digest(&[i]);
+        assert_eq!(w.visit(RefKind::Manifest, &d(1)).await, Ok(true));
+        for _ in 0..1000 {
+            assert_eq!(w.visit(RefKind::Manifest, &d(1)).await, Ok(false));
+        }
+        assert_eq!(w.visit(RefKind::Blob, &d(1)).await, Ok(true));
+        assert_eq!(w.visit(RefKind::Blob, &d(2)).await, Ok(true));
+        assert_eq!(w.visit(RefKind::Blob, &d(3)).await, Err(OverBudget(3)));
+        assert_eq!(w.visited(), 3);
     }
 
     #[test]

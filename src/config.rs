@@ -32,6 +32,10 @@ pub mod defaults {
     pub const VALIDATE_WORKERS: usize = 4;
     pub const VALIDATE_MAX_DEPTH: u32 = 4;
     pub const MAX_BROKEN_SERIES: usize = 500;
+    /// Manifest bytes held at once (pushes being gated, responses being tapped). 256 MiB
+    /// is 64 manifests of the registry's 4 MiB maximum (real ones are a few KiB), and
+    /// keeps a flood of maximal pushes from taking more than that from a small host.
+    pub const GATE_MAX_BUFFERED_MIB: usize = 256;
 }
 
 /// A configuration problem, naming the key it is about.
@@ -172,6 +176,8 @@ struct GateFile {
     mode: Option<crate::gate::GateMode>,
     on_check_error: Option<crate::gate::OnCheckError>,
     depth: Option<crate::gate::GateDepth>,
+    max_references: Option<usize>,
+    max_buffered_mib: Option<usize>,
 }
 
 fn gate_env<T: serde::de::DeserializeOwned>(
@@ -199,6 +205,7 @@ struct ValidateFile {
     queue_capacity: Option<usize>,
     workers: Option<usize>,
     max_depth: Option<u32>,
+    max_references: Option<usize>,
     check_timeout: Option<DurationValue>,
 }
 
@@ -343,6 +350,8 @@ pub struct ValidateSettings {
     pub workers: usize,
     /// Nesting depth of indexes followed (default 4).
     pub max_depth: u32,
+    /// Distinct references one validation may ask about.
+    pub max_references: usize,
     /// Longest wait for one upstream check (default 10s).
     pub check_timeout: Duration,
 }
@@ -478,6 +487,9 @@ impl Settings {
             max_depth: parse_env("validate.max_depth", "validate", "max_depth")?
                 .or(v.max_depth)
                 .unwrap_or(defaults::VALIDATE_MAX_DEPTH),
+            max_references: parse_env("validate.max_references", "validate", "max_references")?
+                .or(v.max_references)
+                .unwrap_or(crate::checker::DEFAULT_MAX_REFERENCES),
             check_timeout: env_duration(
                 "validate.check_timeout",
                 "check_timeout",
@@ -493,6 +505,9 @@ impl Settings {
         }
         if validate.max_depth == 0 {
             return Err(invalid("validate.max_depth", "must be at least 1"));
+        }
+        if validate.max_references == 0 {
+            return Err(invalid("validate.max_references", "must be at least 1"));
         }
         let m = file.metrics;
         let metrics = MetricsSettings {
@@ -519,7 +534,23 @@ impl Settings {
                 .or(g.depth)
                 .unwrap_or(crate::gate::GateDepth::Deep),
             max_depth: validate.max_depth,
+            max_references: parse_env("gate.max_references", "gate", "max_references")?
+                .or(g.max_references)
+                .unwrap_or(crate::checker::DEFAULT_MAX_REFERENCES),
+            max_buffered_bytes: parse_env("gate.max_buffered_mib", "gate", "max_buffered_mib")?
+                .or(g.max_buffered_mib)
+                .unwrap_or(defaults::GATE_MAX_BUFFERED_MIB)
+                .saturating_mul(1024 * 1024),
         };
+        if gate.max_references == 0 {
+            return Err(invalid("gate.max_references", "must be at least 1"));
+        }
+        if gate.max_buffered_bytes < crate::oci::MAX_MANIFEST_BYTES {
+            return Err(invalid(
+                "gate.max_buffered_mib",
+                "must be at least 4 (one manifest of the registry's maximum size)",
+            ));
+        }
         let sc = file.scan;
         let scan_auth = match (
             section_env("scan", "user"),

@@ -18,8 +18,11 @@ use prometheus::{Histogram, HistogramOpts, Registry};
 use crate::metrics::CounterSet;
 use serde::{Deserialize, Serialize};
 
-use crate::checker::{Checker, FetchError, Outcome, RefKind};
-use crate::oci::{self, Descriptor, Manifest, ManifestKind};
+use futures_util::future::join_all;
+
+use crate::budget::MemoryBudget;
+use crate::checker::{Checker, FetchError, Outcome, RefKind, Walk, OFF_THREAD_BYTES};
+use crate::oci::{self, Descriptor, Manifest, ManifestKind, ParseError};
 
 /// `[gate] mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -61,6 +64,10 @@ pub struct GateSettings {
     pub on_check_error: OnCheckError,
     pub depth: GateDepth,
     pub max_depth: u32,
+    /// Distinct references one push may make the gate ask about.
+    pub max_references: usize,
+    /// Manifest bytes held in memory at once, by all pushes and response taps together.
+    pub max_buffered_bytes: usize,
 }
 
 /// One thing wrong with a pushed manifest.
@@ -97,8 +104,14 @@ pub enum Verdict {
     Invalid(String),
     /// References missing or wrong.
     Reject(Vec<Problem>),
-    /// A reference could not be checked (timeout, 5xx, 401 to the check).
+    /// A reference could not be checked (timeout, 5xx).
     CheckError(String),
+    /// The registry refused this pusher's credentials for reading the repository: the push
+    /// is forwarded untouched, so the registry answers (and challenges) the client itself,
+    /// and the client learns nothing from regguard's caches.
+    Unauthorized(u16),
+    /// More distinct references than `gate.max_references` (400 `MANIFEST_INVALID`).
+    TooManyReferences(usize),
 }
 
 impl Verdict {
@@ -107,8 +120,9 @@ impl Verdict {
         match self {
             Verdict::Accept => "accepted",
             Verdict::Passthrough => "passthrough",
-            Verdict::Invalid(_) | Verdict::Reject(_) => "rejected",
+            Verdict::Invalid(_) | Verdict::Reject(_) | Verdict::TooManyReferences(_) => "rejected",
             Verdict::CheckError(_) => "check_error",
+            Verdict::Unauthorized(_) => "unauthorized",
         }
     }
 }
@@ -117,6 +131,8 @@ impl Verdict {
 pub struct Gate {
     checker: Arc<Checker>,
     pub settings: GateSettings,
+    /// Manifest bytes in memory, shared with the response taps.
+    pub budget: Arc<MemoryBudget>,
     results: CounterSet,
     duration: Histogram,
 }
@@ -145,9 +161,16 @@ impl Gate {
         let results = CounterSet::new(
             registry,
             "regguard_push_gate_total",
-            "Manifest pushes by gate result (accepted, rejected, audit_would_reject, check_error, passthrough)",
+            "Manifest pushes by gate result (accepted, rejected, audit_would_reject, check_error, passthrough, unauthorized)",
             "result",
-            &["accepted", "rejected", "audit_would_reject", "check_error", "passthrough"],
+            &[
+                "accepted",
+                "rejected",
+                "audit_would_reject",
+                "check_error",
+                "passthrough",
+                "unauthorized",
+            ],
         )?;
         let duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -160,31 +183,27 @@ impl Gate {
             ]),
         )?;
         registry.register(Box::new(duration.clone()))?;
+        let budget = Arc::new(MemoryBudget::new(settings.max_buffered_bytes, registry)?);
         Ok(Gate {
             checker,
+            budget,
             settings,
             results,
             duration,
         })
     }
 
-    /// Remembers a manifest the registry just accepted as present in `repo`.
-    /// Its parsed form is cached too, so an index pushed next needs no GET of this child.
-    pub async fn accepted(&self, repo: &str, body: &Bytes, content_type: Option<String>) {
-        let digest = oci::sha256_digest(body);
-        let kind = pushed_kind(body, content_type.as_deref());
-        if kind.is_some() {
-            // Only caches; a parse failure here changes nothing about the accepted push.
-            let _ = self.checker.verified(&digest, body, kind).await;
-        }
+    /// Remembers a manifest the registry just accepted as present in `repo` (its parsed
+    /// form was cached when it was checked, so an index pushed next needs no GET of it).
+    pub async fn accepted(
+        &self,
+        repo: &str,
+        digest: &str,
+        size: usize,
+        content_type: Option<String>,
+    ) {
         self.checker
-            .remember_present(
-                repo,
-                &digest,
-                body.len() as u64,
-                RefKind::Manifest,
-                content_type,
-            )
+            .remember_present(repo, digest, size as u64, RefKind::Manifest, content_type)
             .await;
     }
 
@@ -193,16 +212,19 @@ impl Gate {
         self.results.inc(result);
     }
 
-    /// Checks a pushed manifest body.
+    /// Checks a pushed manifest body whose sha256 is `digest`.
     pub async fn inspect(
         &self,
         repo: &str,
+        digest: &str,
         body: &Bytes,
         content_type: Option<&str>,
         auth: Option<&HeaderValue>,
     ) -> Verdict {
         let started = Instant::now();
-        let verdict = self.inspect_inner(repo, body, content_type, auth).await;
+        let verdict = self
+            .inspect_inner(repo, digest, body, content_type, auth)
+            .await;
         self.duration.observe(started.elapsed().as_secs_f64());
         verdict
     }
@@ -210,6 +232,7 @@ impl Gate {
     async fn inspect_inner(
         &self,
         repo: &str,
+        digest: &str,
         body: &Bytes,
         content_type: Option<&str>,
         auth: Option<&HeaderValue>,
@@ -217,18 +240,98 @@ impl Gate {
         let Some(kind) = pushed_kind(body, content_type) else {
             return Verdict::Passthrough;
         };
-        let manifest = match Manifest::parse(body, Some(kind)) {
-            Ok(m) => m,
+        let manifest = match parse_off_thread(body, kind).await {
+            Ok(m) => Arc::new(m),
             Err(e) => return Verdict::Invalid(e.to_string()),
         };
+        // Content is immutable: its parsed form may be cached whether or not the push lands.
+        self.checker.cache_manifest(digest, manifest.clone()).await;
+        let mut walk = Walk::new(self.settings.max_references);
         let mut found = Findings::default();
         let top = Place {
             platform: None,
             child: None,
         };
-        match &manifest {
-            Manifest::Index { manifests } => self.index(repo, manifests, 1, auth, &mut found).await,
-            Manifest::Image { .. } => self.image(repo, &manifest, top, auth, &mut found).await,
+        let mut level = match self.items(&mut walk, &manifest, top, 1).await {
+            Ok(items) => items,
+            Err(over) => return Verdict::TooManyReferences(over.0),
+        };
+        // The first question of a push is never answered from the cache: it also shows
+        // whether this pusher may read the repository. On 401/403 the walk stops, and the
+        // push goes to the registry, which challenges the client itself; a wrong password
+        // costs the registry one check, not one per reference.
+        if let Some(first) = level.first() {
+            let strict = first.kind == RefKind::Manifest;
+            let outcome = self
+                .checker
+                .check_fresh(repo, &first.desc, first.kind, auth, strict)
+                .await;
+            if let Outcome::Unauthorized(status) = outcome {
+                return Verdict::Unauthorized(status);
+            }
+        }
+        while !level.is_empty() {
+            let mut outcomes: Vec<Outcome> = Vec::with_capacity(level.len());
+            for batch in level.chunks(PUSH_CONCURRENCY) {
+                let checks: Vec<_> = batch
+                    .iter()
+                    .map(|item| self.check_item(repo, item, auth))
+                    .collect();
+                outcomes.extend(join_all(checks).await);
+            }
+            if let Some(Outcome::Unauthorized(status)) = outcomes
+                .iter()
+                .find(|o| matches!(o, Outcome::Unauthorized(_)))
+            {
+                return Verdict::Unauthorized(*status);
+            }
+            let mut present = Vec::new();
+            for (item, outcome) in level.into_iter().zip(outcomes) {
+                if note(repo, &item, outcome, &mut found) && item.kind == RefKind::Manifest {
+                    present.push(item);
+                }
+            }
+            level = Vec::new();
+            if self.settings.depth == GateDepth::Shallow {
+                break;
+            }
+            let mut fetched = Vec::with_capacity(present.len());
+            for batch in present.chunks(PUSH_CONCURRENCY) {
+                let reads: Vec<_> = batch
+                    .iter()
+                    .map(|item| self.checker.manifest(repo, &item.desc.digest, auth))
+                    .collect();
+                fetched.extend(join_all(reads).await);
+            }
+            for (item, fetched) in present.iter().zip(fetched) {
+                let child = match fetched {
+                    Ok(m) => m,
+                    Err(FetchError::Unauthorized(status)) => return Verdict::Unauthorized(status),
+                    Err(e) => {
+                        found
+                            .errors
+                            .push(format!("manifest {}: {e}", item.desc.digest));
+                        continue;
+                    }
+                };
+                if matches!(child.as_ref(), Manifest::Index { .. })
+                    && item.depth >= self.settings.max_depth
+                {
+                    found.errors.push(format!(
+                        "index {} nests deeper than gate max depth {}",
+                        item.desc.digest, self.settings.max_depth
+                    ));
+                    continue;
+                }
+                let place = Place {
+                    platform: item.platform.as_deref(),
+                    child: Some(&item.desc.digest),
+                };
+                match self.items(&mut walk, &child, place, item.depth + 1).await {
+                    Ok(more) => level.extend(more),
+                    Err(over) => return Verdict::TooManyReferences(over.0),
+                }
+            }
         }
         if !found.problems.is_empty() {
             Verdict::Reject(found.problems)
@@ -239,130 +342,154 @@ impl Gate {
         }
     }
 
-    /// Checks one reference; a cached 404 is asked again before it counts.
-    async fn reference(
+    /// The references of `m` not yet visited in this walk, as items to check.
+    async fn items(
         &self,
-        repo: &str,
-        d: &Descriptor,
-        kind: RefKind,
+        walk: &mut Walk,
+        m: &Manifest,
         place: Place<'_>,
-        auth: Option<&HeaderValue>,
-        found: &mut Findings,
-    ) -> bool {
-        let strict = kind == RefKind::Manifest;
-        let mut outcome = self.checker.check_with(repo, d, kind, auth, strict).await;
-        if outcome == Outcome::Missing {
-            outcome = self.checker.recheck(repo, d, kind, auth, strict).await;
-        }
-        match outcome {
-            Outcome::Ok => true,
-            Outcome::Missing => {
-                found
-                    .problems
-                    .push(problem(repo, d, kind, place, "missing", None, None));
-                false
-            }
-            Outcome::Mismatch {
-                what,
-                expected,
-                found: actual,
-            } => {
-                let reason = match what {
-                    "size" => "size_mismatch",
-                    "media type" => "media_type_mismatch",
-                    _ => "digest_mismatch",
-                };
-                found.problems.push(problem(
-                    repo,
-                    d,
-                    kind,
-                    place,
-                    reason,
-                    Some(expected),
-                    Some(actual),
-                ));
-                false
-            }
-            Outcome::Unauthorized(s) => {
-                found.errors.push(format!(
-                    "{} {}: the check was answered {s}",
-                    kind.as_str(),
-                    d.digest
-                ));
-                false
-            }
-            Outcome::Error(e) => {
-                found
-                    .errors
-                    .push(format!("{} {}: {e}", kind.as_str(), d.digest));
-                false
-            }
-        }
-    }
-
-    async fn index(
-        &self,
-        repo: &str,
-        children: &[Descriptor],
         depth: u32,
-        auth: Option<&HeaderValue>,
-        found: &mut Findings,
-    ) {
-        for child in children {
-            let platform = child.platform.as_ref().map(ToString::to_string);
-            let place = Place {
-                platform: platform.as_deref(),
-                child: None,
-            };
-            let present = self
-                .reference(repo, child, RefKind::Manifest, place, auth, found)
-                .await;
-            if !present || self.settings.depth == GateDepth::Shallow {
-                continue;
+    ) -> Result<Vec<Item>, crate::checker::OverBudget> {
+        let mut out = Vec::new();
+        match m {
+            Manifest::Index { manifests } => {
+                for child in manifests {
+                    if walk.visit(RefKind::Manifest, &child.digest).await? {
+                        out.push(Item {
+                            desc: child.clone(),
+                            kind: RefKind::Manifest,
+                            platform: child.platform.as_ref().map(ToString::to_string),
+                            child: None,
+                            depth,
+                        });
+                    }
+                }
             }
-            match self.checker.manifest(repo, &child.digest, auth).await {
-                Ok(m) => match m.as_ref() {
-                    Manifest::Index { manifests } => {
-                        if depth >= self.settings.max_depth {
-                            found.errors.push(format!(
-                                "index {} nests deeper than gate max depth {}",
-                                child.digest, self.settings.max_depth
-                            ));
-                        } else {
-                            Box::pin(self.index(repo, manifests, depth + 1, auth, found)).await;
-                        }
+            Manifest::Image { .. } => {
+                for blob in m.references() {
+                    if !blob.urls.is_empty() {
+                        continue; // non-distributable layer: lives elsewhere by design
                     }
-                    Manifest::Image { .. } => {
-                        let place = Place {
-                            platform: platform.as_deref(),
-                            child: Some(&child.digest),
-                        };
-                        self.image(repo, &m, place, auth, found).await;
+                    if walk.visit(RefKind::Blob, &blob.digest).await? {
+                        out.push(Item {
+                            desc: blob.clone(),
+                            kind: RefKind::Blob,
+                            platform: place.platform.map(str::to_owned),
+                            child: place.child.map(str::to_owned),
+                            depth,
+                        });
                     }
-                },
-                Err(FetchError::Unauthorized(s)) => found.errors.push(format!(
-                    "manifest {}: the check was answered {s}",
-                    child.digest
-                )),
-                Err(e) => found.errors.push(format!("manifest {}: {e}", child.digest)),
+                }
             }
         }
+        Ok(out)
     }
 
-    async fn image(
-        &self,
-        repo: &str,
-        image: &Manifest,
-        place: Place<'_>,
-        auth: Option<&HeaderValue>,
-        found: &mut Findings,
-    ) {
-        for blob in image.references() {
-            if !blob.urls.is_empty() {
-                continue; // non-distributable layer: lives elsewhere by design
-            }
-            self.reference(repo, blob, RefKind::Blob, place, auth, found)
+    /// Checks one reference; a cached 404 is asked again before it counts.
+    async fn check_item(&self, repo: &str, item: &Item, auth: Option<&HeaderValue>) -> Outcome {
+        let strict = item.kind == RefKind::Manifest;
+        let outcome = self
+            .checker
+            .check_with(repo, &item.desc, item.kind, auth, strict)
+            .await;
+        if outcome == Outcome::Missing {
+            return self
+                .checker
+                .recheck(repo, &item.desc, item.kind, auth, strict)
                 .await;
+        }
+        outcome
+    }
+}
+
+/// References of one push checked at once: enough to hide the registry's latency
+/// for a many-platform index, few enough that one push cannot crowd out others.
+const PUSH_CONCURRENCY: usize = 8;
+
+/// Parses a pushed manifest as the registry will read it, refusing ambiguous keys.
+async fn parse_off_thread(body: &Bytes, kind: ManifestKind) -> Result<Manifest, ParseError> {
+    if body.len() < OFF_THREAD_BYTES {
+        return Manifest::parse_strict(body, Some(kind));
+    }
+    let body = body.clone();
+    tokio::task::spawn_blocking(move || Manifest::parse_strict(&body, Some(kind)))
+        .await
+        .unwrap_or_else(|e| Err(ParseError::NotJson(format!("parser task failed: {e}"))))
+}
+
+/// The sha256 digest of a pushed manifest, hashed on the blocking pool when large.
+pub async fn digest_off_thread(body: &Bytes) -> String {
+    if body.len() < OFF_THREAD_BYTES {
+        return oci::sha256_digest(body);
+    }
+    let owned = body.clone();
+    match tokio::task::spawn_blocking(move || oci::sha256_digest(&owned)).await {
+        Ok(d) => d,
+        Err(_) => oci::sha256_digest(body),
+    }
+}
+
+/// One reference to check, and where it sits.
+struct Item {
+    desc: Descriptor,
+    kind: RefKind,
+    platform: Option<String>,
+    /// The child image a blob belongs to.
+    child: Option<String>,
+    /// How deep the manifest holding this reference is (the pushed one is 1).
+    depth: u32,
+}
+
+/// Records what a check found; true when the reference is present and right.
+fn note(repo: &str, item: &Item, outcome: Outcome, found: &mut Findings) -> bool {
+    let place = Place {
+        platform: item.platform.as_deref(),
+        child: item.child.as_deref(),
+    };
+    let d = &item.desc;
+    let kind = item.kind;
+    match outcome {
+        Outcome::Ok => true,
+        Outcome::Missing => {
+            found
+                .problems
+                .push(problem(repo, d, kind, place, "missing", None, None));
+            false
+        }
+        Outcome::Mismatch {
+            what,
+            expected,
+            found: actual,
+        } => {
+            let reason = match what {
+                "size" => "size_mismatch",
+                "media type" => "media_type_mismatch",
+                _ => "digest_mismatch",
+            };
+            found.problems.push(problem(
+                repo,
+                d,
+                kind,
+                place,
+                reason,
+                Some(expected),
+                Some(actual),
+            ));
+            false
+        }
+        Outcome::Unauthorized(s) => {
+            found.errors.push(format!(
+                "{} {}: the check was answered {s}",
+                kind.as_str(),
+                d.digest
+            ));
+            false
+        }
+        Outcome::Error(e) => {
+            found
+                .errors
+                .push(format!("{} {}: {e}", kind.as_str(), d.digest));
+            false
         }
     }
 }
@@ -372,13 +499,9 @@ fn pushed_kind(body: &[u8], content_type: Option<&str>) -> Option<ManifestKind> 
     if let Some(k) = content_type.and_then(oci::manifest_kind) {
         return Some(k);
     }
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Peek {
-        media_type: Option<String>,
-    }
-    let peek: Peek = serde_json::from_slice(body).ok()?;
-    peek.media_type.as_deref().and_then(oci::manifest_kind)
+    oci::body_media_type(body)
+        .as_deref()
+        .and_then(oci::manifest_kind)
 }
 
 fn problem(

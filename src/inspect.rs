@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 use serde::Serialize;
 
-use crate::checker::{Checker, FetchError, Outcome, Presence, RefKind};
+use crate::checker::{Checker, FetchError, Outcome, OverBudget, Presence, RefKind, Walk};
 use crate::oci::{Descriptor, Manifest};
 
 /// An image reference: `host[:port]/repo[:tag]` or `host[:port]/repo@sha256:…`.
@@ -129,6 +129,19 @@ fn leaf(
     }
 }
 
+/// Where a walk stopped because it reached its budget.
+fn over_budget(d: &Descriptor, over: &OverBudget) -> Node {
+    Node {
+        role: "manifest",
+        digest: d.digest.clone(),
+        platform: None,
+        size: Some(d.size),
+        result: "error",
+        detail: format!("not checked: {over}"),
+        children: Vec::new(),
+    }
+}
+
 /// Checks one image deeply. Errors only when the image itself cannot be resolved.
 pub async fn check_image(
     checker: &Arc<Checker>,
@@ -187,14 +200,17 @@ pub async fn check_image(
         detail: String::new(),
         children: Vec::new(),
     };
+    let mut walk = Walk::new(crate::checker::DEFAULT_MAX_REFERENCES);
     match manifest.as_ref() {
         Manifest::Index { manifests } => {
-            root.children =
-                Box::pin(index_children(checker, repo, manifests, auth, 1, max_depth)).await;
+            root.children = Box::pin(index_children(
+                checker, repo, manifests, auth, 1, max_depth, &mut walk,
+            ))
+            .await;
         }
         Manifest::Image { .. } => {
             root.role = "image";
-            root.children = image_blobs(checker, repo, &manifest, auth).await;
+            root.children = image_blobs(checker, repo, &manifest, auth, &mut walk).await;
         }
     }
     Ok(root)
@@ -207,9 +223,18 @@ async fn index_children(
     auth: Option<&HeaderValue>,
     depth: u32,
     max_depth: u32,
+    walk: &mut Walk,
 ) -> Vec<Node> {
     let mut out = Vec::new();
     for child in children {
+        match walk.visit(RefKind::Manifest, &child.digest).await {
+            Ok(true) => {}
+            Ok(false) => continue, // listed (and checked) once, where it first appears
+            Err(over) => {
+                out.push(over_budget(child, &over));
+                return out;
+            }
+        }
         let platform = child.platform.as_ref().map(ToString::to_string);
         let outcome = checker.check(repo, child, RefKind::Manifest, auth).await;
         let mut node = leaf("image", child, platform, &outcome, RefKind::Manifest);
@@ -225,6 +250,7 @@ async fn index_children(
                             auth,
                             depth + 1,
                             max_depth,
+                            walk,
                         ))
                         .await;
                     }
@@ -234,7 +260,7 @@ async fn index_children(
                         node.detail = format!("nested deeper than {max_depth}");
                     }
                     Manifest::Image { .. } => {
-                        node.children = image_blobs(checker, repo, &m, auth).await
+                        node.children = image_blobs(checker, repo, &m, auth, walk).await
                     }
                 },
                 Err(e) => {
@@ -253,16 +279,34 @@ async fn image_blobs(
     repo: &str,
     image: &Manifest,
     auth: Option<&HeaderValue>,
+    walk: &mut Walk,
 ) -> Vec<Node> {
     let mut out = Vec::new();
     let Manifest::Image { config, layers } = image else {
         return out;
     };
-    let outcome = checker.check(repo, config, RefKind::Blob, auth).await;
-    out.push(leaf("config", config, None, &outcome, RefKind::Blob));
+    match walk.visit(RefKind::Blob, &config.digest).await {
+        Ok(true) => {
+            let outcome = checker.check(repo, config, RefKind::Blob, auth).await;
+            out.push(leaf("config", config, None, &outcome, RefKind::Blob));
+        }
+        Ok(false) => {}
+        Err(over) => {
+            out.push(over_budget(config, &over));
+            return out;
+        }
+    }
     for l in layers {
         if !l.urls.is_empty() {
             continue;
+        }
+        match walk.visit(RefKind::Blob, &l.digest).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(over) => {
+                out.push(over_budget(l, &over));
+                return out;
+            }
         }
         let outcome = checker.check(repo, l, RefKind::Blob, auth).await;
         out.push(leaf("layer", l, None, &outcome, RefKind::Blob));

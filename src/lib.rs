@@ -8,10 +8,12 @@
 
 pub mod admin;
 pub mod body;
+pub mod budget;
 pub mod checker;
 pub mod config;
 pub mod error;
 pub mod gate;
+pub mod gojson;
 pub mod inspect;
 pub mod integrity;
 pub mod metrics;

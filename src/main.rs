@@ -238,7 +238,11 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(regguard::server::serve(settings, shutdown_signal(), |_| {})) {
+    let served = runtime.block_on(regguard::server::serve(settings, shutdown_signal(), |_| {}));
+    // Background work (validation walks, re-checks, the scan, parses on the blocking
+    // pool) is cut, never waited for: shutdown is bounded by the drain alone.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "regguard cannot serve");

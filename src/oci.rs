@@ -5,8 +5,10 @@
 //! [`MAX_MANIFEST_BYTES`] are never read.
 
 use http::HeaderValue;
-use serde::Deserialize;
+use serde::de::MapAccess;
 use sha2::{Digest as _, Sha256};
+
+use crate::gojson::{self, GoStruct, Notes};
 
 /// The registry rejects manifests over 4 MiB; regguard never holds more than this per manifest.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -34,14 +36,29 @@ pub enum ManifestKind {
     Image,
 }
 
-/// Classifies a `Content-Type` (parameters ignored).
+/// Classifies a `Content-Type` (parameters ignored, case-insensitive: the
+/// registry reads it through Go's `mime.ParseMediaType`, which lower-cases).
 pub fn manifest_kind(content_type: &str) -> Option<ManifestKind> {
-    let essence = content_type.split(';').next().unwrap_or("").trim();
-    match essence {
-        OCI_INDEX | DOCKER_LIST => Some(ManifestKind::Index),
-        OCI_MANIFEST | DOCKER_MANIFEST => Some(ManifestKind::Image),
-        _ => None,
+    let essence = media_type_essence(content_type);
+    if essence.eq_ignore_ascii_case(OCI_INDEX) || essence.eq_ignore_ascii_case(DOCKER_LIST) {
+        Some(ManifestKind::Index)
+    } else if essence.eq_ignore_ascii_case(OCI_MANIFEST)
+        || essence.eq_ignore_ascii_case(DOCKER_MANIFEST)
+    {
+        Some(ManifestKind::Image)
+    } else {
+        None
     }
+}
+
+/// A media type without its parameters and surrounding space (`type/subtype`).
+pub fn media_type_essence(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or("").trim()
+}
+
+/// Two media types name the same type (case-insensitive, parameters ignored).
+pub fn same_media_type(a: &str, b: &str) -> bool {
+    media_type_essence(a).eq_ignore_ascii_case(media_type_essence(b))
 }
 
 /// `sha256:<64 lowercase hex>`: the only algorithm distribution 2.8 serves.
@@ -63,52 +80,135 @@ pub fn sha256_digest(data: &[u8]) -> String {
 }
 
 /// A platform, as in an index entry.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Platform {
-    #[serde(default)]
     pub os: String,
-    #[serde(default)]
     pub architecture: String,
-    #[serde(default)]
     pub variant: Option<String>,
 }
 
 impl std::fmt::Display for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.os, self.architecture)?;
-        if let Some(v) = &self.variant {
+        if let Some(v) = self.variant.as_deref().filter(|v| !v.is_empty()) {
             write!(f, "/{v}")?;
         }
         Ok(())
     }
 }
 
-/// A content descriptor.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+impl GoStruct for Platform {
+    const FIELDS: &'static [&'static str] = &["os", "architecture", "variant"];
+    fn decode_field<'de, A: MapAccess<'de>>(
+        &mut self,
+        index: usize,
+        map: &mut A,
+        _: &Notes,
+    ) -> Result<(), A::Error> {
+        match index {
+            0 => gojson::scalar(map, &mut self.os),
+            1 => gojson::scalar(map, &mut self.architecture),
+            _ => {
+                if let Some(v) = map.next_value::<Option<String>>()? {
+                    self.variant = Some(v);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A content descriptor. Absent fields read as Go reads them: empty strings and size 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Descriptor {
-    #[serde(default)]
     pub media_type: String,
     pub digest: String,
     pub size: u64,
-    #[serde(default)]
     pub platform: Option<Platform>,
     /// Non-distributable layers carry URLs and are not in the registry.
-    #[serde(default)]
     pub urls: Vec<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+impl GoStruct for Descriptor {
+    const FIELDS: &'static [&'static str] = &["mediaType", "digest", "size", "platform", "urls"];
+    fn decode_field<'de, A: MapAccess<'de>>(
+        &mut self,
+        index: usize,
+        map: &mut A,
+        notes: &Notes,
+    ) -> Result<(), A::Error> {
+        match index {
+            0 => gojson::scalar(map, &mut self.media_type),
+            1 => gojson::scalar(map, &mut self.digest),
+            2 => gojson::scalar(map, &mut self.size),
+            3 => map.next_value_seed(gojson::IntoOption {
+                target: &mut self.platform,
+                notes,
+            }),
+            _ => map.next_value_seed(gojson::IntoSlice {
+                target: &mut self.urls,
+                notes,
+            }),
+        }
+    }
+}
+
+/// The fields of any manifest regguard reads, decoded as the registry decodes them.
+#[derive(Default)]
 struct RawManifest {
-    #[serde(default)]
-    media_type: Option<String>,
-    #[serde(default)]
+    media_type: String,
+    /// `None` until a `manifests` key is seen (its presence tells an index).
     manifests: Option<Vec<Descriptor>>,
-    #[serde(default)]
     config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Option<Vec<Descriptor>>,
+    layers: Vec<Descriptor>,
+}
+
+impl GoStruct for RawManifest {
+    const FIELDS: &'static [&'static str] = &["mediaType", "manifests", "config", "layers"];
+    fn decode_field<'de, A: MapAccess<'de>>(
+        &mut self,
+        index: usize,
+        map: &mut A,
+        notes: &Notes,
+    ) -> Result<(), A::Error> {
+        match index {
+            0 => gojson::scalar(map, &mut self.media_type),
+            1 => map.next_value_seed(gojson::IntoSlice {
+                target: self.manifests.get_or_insert_with(Vec::new),
+                notes,
+            }),
+            2 => map.next_value_seed(gojson::IntoOption {
+                target: &mut self.config,
+                notes,
+            }),
+            _ => map.next_value_seed(gojson::IntoSlice {
+                target: &mut self.layers,
+                notes,
+            }),
+        }
+    }
+}
+
+/// Only the `mediaType` of a document, read as the registry reads it.
+#[derive(Default)]
+struct MediaTypeOnly(String);
+
+impl GoStruct for MediaTypeOnly {
+    const FIELDS: &'static [&'static str] = &["mediaType"];
+    fn decode_field<'de, A: MapAccess<'de>>(
+        &mut self,
+        _: usize,
+        map: &mut A,
+        _: &Notes,
+    ) -> Result<(), A::Error> {
+        gojson::scalar(map, &mut self.0)
+    }
+}
+
+/// The `mediaType` a manifest body names, if it is valid JSON and names one.
+pub fn body_media_type(body: &[u8]) -> Option<String> {
+    let (m, _) = gojson::from_slice::<MediaTypeOnly>(body).ok()?;
+    (!m.0.is_empty()).then_some(m.0)
 }
 
 /// A parsed manifest: what it references.
@@ -134,43 +234,67 @@ pub enum ParseError {
     Shape(Option<String>),
     #[error("descriptor digest {0:?} is not a sha256 digest")]
     BadDigest(String),
+    /// One field named twice in one object (`"size"` and `"Size"`, or `"size"` twice). Go's
+    /// `encoding/json` (the registry, containerd, docker) takes the last; other readers the
+    /// first: such a manifest means different things to different tools.
+    #[error("key {later:?} repeats {earlier:?} in one object (JSON keys are matched case-insensitively, and readers disagree on which one wins); remove one")]
+    AmbiguousKey { later: String, earlier: String },
 }
 
 impl Manifest {
     /// Parses a manifest; `hint` is the Content-Type it was served or pushed with, used when
     /// the body names no `mediaType`.
     pub fn parse(body: &[u8], hint: Option<ManifestKind>) -> Result<Self, ParseError> {
+        Self::parse_go(body, hint).map(|(m, _)| m)
+    }
+
+    /// Parses as the registry does, and refuses a manifest with a field named twice in one
+    /// object ([`ParseError::AmbiguousKey`]): what the push gate accepts must mean one thing.
+    pub fn parse_strict(body: &[u8], hint: Option<ManifestKind>) -> Result<Self, ParseError> {
+        match Self::parse_go(body, hint)? {
+            (_, Some((later, earlier))) => Err(ParseError::AmbiguousKey { later, earlier }),
+            (m, None) => Ok(m),
+        }
+    }
+
+    /// Parses with Go's `encoding/json` rules (see `gojson`), returning the first key pair
+    /// that named one field twice, if any.
+    pub fn parse_go(
+        body: &[u8],
+        hint: Option<ManifestKind>,
+    ) -> Result<(Self, Option<(String, String)>), ParseError> {
         if body.len() > MAX_MANIFEST_BYTES {
             return Err(ParseError::TooLarge);
         }
-        let raw: RawManifest =
-            serde_json::from_slice(body).map_err(|e| ParseError::NotJson(e.to_string()))?;
-        let kind = raw
-            .media_type
-            .as_deref()
-            .and_then(manifest_kind)
-            .or(hint)
-            .or(if raw.manifests.is_some() {
-                Some(ManifestKind::Index)
-            } else if raw.config.is_some() {
-                Some(ManifestKind::Image)
-            } else {
-                None
-            });
+        let (raw, ambiguous): (RawManifest, _) =
+            gojson::from_slice(body).map_err(|e| ParseError::NotJson(e.to_string()))?;
+        let media_type = (!raw.media_type.is_empty()).then_some(raw.media_type);
+        let kind =
+            media_type
+                .as_deref()
+                .and_then(manifest_kind)
+                .or(hint)
+                .or(if raw.manifests.is_some() {
+                    Some(ManifestKind::Index)
+                } else if raw.config.is_some() {
+                    Some(ManifestKind::Image)
+                } else {
+                    None
+                });
         let parsed = match (kind, raw.manifests, raw.config) {
             (Some(ManifestKind::Index), Some(manifests), _) => Manifest::Index { manifests },
             (Some(ManifestKind::Image), _, Some(config)) => Manifest::Image {
                 config,
-                layers: raw.layers.unwrap_or_default(),
+                layers: raw.layers,
             },
-            _ => return Err(ParseError::Shape(raw.media_type)),
+            _ => return Err(ParseError::Shape(media_type)),
         };
         for d in parsed.references() {
             if !is_sha256_digest(&d.digest) {
                 return Err(ParseError::BadDigest(d.digest.clone()));
             }
         }
-        Ok(parsed)
+        Ok((parsed, ambiguous))
     }
 
     /// Every descriptor this manifest references directly.
@@ -254,7 +378,45 @@ mod tests {
     }
 
     #[test]
+    fn fields_read_as_the_registry_reads_them() {
+        let size_twice = format!(
+            r#"{{"mediaType":"{OCI_INDEX}","manifests":[{{"digest":"{D}","size":418,"Size":1418}}]}}"#
+        );
+        let (m, amb) = Manifest::parse_go(size_twice.as_bytes(), None).unwrap();
+        assert_eq!(m.references()[0].size, 1418, "Go: the last key wins");
+        assert_eq!(amb, Some(("Size".into(), "size".into())));
+        assert!(matches!(
+            Manifest::parse_strict(size_twice.as_bytes(), None),
+            Err(ParseError::AmbiguousKey { .. })
+        ));
+        // An empty list first, the real one under another spelling: Go sees the children.
+        let hidden = format!(
+            r#"{{"mediaType":"{OCI_INDEX}","manifests":[],"Manifests":[{{"digest":"{D}","size":1}}]}}"#
+        );
+        let (m, _) = Manifest::parse_go(hidden.as_bytes(), None).unwrap();
+        assert_eq!(m.references().len(), 1);
+        // Capitalised keys alone are no ambiguity: Go reads them, and so does regguard.
+        let capitals = format!(
+            r#"{{"MEDIATYPE":"{OCI_MANIFEST}","Config":{{"Digest":"{D}","SIZE":2}},"Layers":[]}}"#
+        );
+        let m = Manifest::parse_strict(capitals.as_bytes(), None).unwrap();
+        assert!(matches!(m, Manifest::Image { ref config, .. } if config.size == 2));
+        assert_eq!(
+            body_media_type(capitals.as_bytes()).as_deref(),
+            Some(OCI_MANIFEST)
+        );
+    }
+
+    #[test]
     fn content_types_classify() {
+        assert_eq!(
+            manifest_kind("Application/VND.OCI.Image.Index.v1+JSON ; charset=x"),
+            Some(ManifestKind::Index)
+        );
+        assert!(same_media_type(
+            OCI_MANIFEST,
+            "application/VND.oci.image.manifest.v1+json"
+        ));
         assert_eq!(manifest_kind(DOCKER_LIST), Some(ManifestKind::Index));
         assert_eq!(
             manifest_kind("application/vnd.oci.image.manifest.v1+json; charset=utf-8"),

@@ -110,7 +110,12 @@ impl Proxy {
     /// Handles one client request; never fails (failures become OCI error responses).
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
         let started = Instant::now();
-        let route = route::classify(req.uri().path());
+        // Classified as the registry's router will see it (percent-decoded); forwarded as sent.
+        let decoded = route::decode_path(req.uri().path());
+        let route = match &decoded {
+            Ok(path) => route::classify(path),
+            Err(_) => route::classify(""),
+        };
         let route_kind = route.kind;
         let mut exchange = Exchange {
             metrics: self.metrics.clone(),
@@ -133,7 +138,17 @@ impl Proxy {
             }
             _ => None,
         };
-        let mut response = if route_kind == RouteKind::Root
+        let mut response = if let Err(e) = &decoded {
+            crate::error::oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID", &e.to_string())
+        } else if !req.headers().contains_key(header::HOST) && req.uri().authority().is_none() {
+            // As nginx does: without Host the registry would mint Location URLs naming
+            // its own internal address.
+            crate::error::oci_error(
+                StatusCode::BAD_REQUEST,
+                "UNSUPPORTED",
+                "the request has no Host header",
+            )
+        } else if route_kind == RouteKind::Root
             && matches!(*req.method(), Method::GET | Method::HEAD)
         {
             liveness()
@@ -192,6 +207,9 @@ impl Proxy {
             _ => self.pools.lean(),
         };
         let (head, body) = req.into_parts();
+        if http_body::Body::is_end_stream(&body) {
+            tally.request_done.notify_one(); // nothing to send: the wait starts now
+        }
         let body = UpstreamBody::Client {
             body: Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request),
         };
@@ -221,11 +239,19 @@ impl Proxy {
         head.uri = uri;
         head.version = Version::HTTP_11;
 
-        let sent = tokio::time::timeout(
-            self.idle_timeout,
-            client.request(Request::from_parts(head, body)),
-        )
-        .await;
+        // The wait for the response head starts when the request body has been sent
+        // (nginx's proxy_read_timeout); while it streams, the body's own idle timeout
+        // guards against a stalled client. A 6 s upload with a 2 s idle timeout works.
+        let request = client.request(Request::from_parts(head, body));
+        let idle = self.idle_timeout;
+        let head_deadline = async {
+            tally.request_done.notified().await;
+            tokio::time::sleep(idle).await;
+        };
+        let sent = tokio::select! {
+            r = request => Ok(r),
+            () = head_deadline => Err(()),
+        };
         let response = match sent {
             Err(_) => {
                 return Err(ForwardError::Timeout {
@@ -271,6 +297,17 @@ impl Proxy {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|ct| ct.split(';').next().unwrap_or("").trim().to_owned());
+        // Room in the manifest memory budget before a byte is read: a flood of maximal
+        // pushes waits briefly, then is told to come back, instead of exhausting memory.
+        let want = declared.map_or(oci::MAX_MANIFEST_BYTES, |n| {
+            usize::try_from(n).map_or(oci::MAX_MANIFEST_BYTES, |n| n.min(oci::MAX_MANIFEST_BYTES))
+        });
+        let Some(_held) = gate.budget.hold(want, BUDGET_WAIT).await else {
+            gate.count("check_error");
+            return Ok(busy(
+                "too many manifest pushes are being checked at once; retry the push",
+            ));
+        };
         let (head, body) = req.into_parts();
         let bytes = match read_manifest(body, self.idle_timeout).await {
             Ok(b) => b,
@@ -287,20 +324,26 @@ impl Proxy {
             .tally
             .bytes_in
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        if oci::is_sha256_digest(reference) && oci::sha256_digest(&bytes) != reference {
+        let digest = crate::gate::digest_off_thread(&bytes).await;
+        if oci::is_sha256_digest(reference) && digest != reference {
             gate.count("rejected");
             return Ok(crate::error::oci_error(
                 StatusCode::BAD_REQUEST,
                 "DIGEST_INVALID",
                 &format!(
-                    "the manifest's sha256 is {}, not the digest {reference} it was pushed under",
-                    oci::sha256_digest(&bytes)
+                    "the manifest's sha256 is {digest}, not the digest {reference} it was pushed under"
                 ),
             ));
         }
 
         let verdict = gate
-            .inspect(&repo, &bytes, content_type.as_deref(), auth.as_ref())
+            .inspect(
+                &repo,
+                &digest,
+                &bytes,
+                content_type.as_deref(),
+                auth.as_ref(),
+            )
             .await;
         let audit = gate.settings.mode == GateMode::Audit;
         match &verdict {
@@ -334,21 +377,44 @@ impl Proxy {
                     return Ok(rejection(problems));
                 }
             }
+            Verdict::Unauthorized(status) => {
+                // Forwarded untouched: the registry answers (and challenges) this client.
+                gate.count(verdict.label());
+                tracing::debug!(repository = %repo, reference, status, "push gate: pusher may not read the repository; forwarding");
+            }
+            Verdict::TooManyReferences(max) => {
+                tracing::warn!(
+                    repository = %repo,
+                    reference,
+                    client = %conn.remote,
+                    max_references = max,
+                    "push gate: manifest references too much to check"
+                );
+                if audit {
+                    gate.count("audit_would_reject");
+                } else {
+                    gate.count("rejected");
+                    return Ok(crate::error::oci_error(
+                        StatusCode::BAD_REQUEST,
+                        "MANIFEST_INVALID",
+                        &format!(
+                            "{}; gate.max_references bounds what one push may reference",
+                            crate::checker::OverBudget(*max)
+                        ),
+                    ));
+                }
+            }
             Verdict::CheckError(why) => {
                 gate.count("check_error");
                 tracing::warn!(repository = %repo, reference, error = %why, "push gate could not check references");
                 if gate.settings.on_check_error == OnCheckError::Reject && !audit {
-                    let mut resp = crate::error::oci_error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "UNAVAILABLE",
-                        &format!("the references of this manifest could not be checked ({why}); retry the push"),
-                    );
-                    resp.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
-                    return Ok(resp);
+                    return Ok(busy(&format!(
+                        "the references of this manifest could not be checked ({why}); retry the push"
+                    )));
                 }
             }
         }
+        exchange.tally.request_done.notify_one(); // the body is in memory: sent at once
         let body = UpstreamBody::Full {
             data: Some(bytes.clone()),
         };
@@ -356,7 +422,8 @@ impl Proxy {
             .send(self.pools.lean(), head, body, conn, exchange.tally.clone())
             .await?;
         if resp.status() == StatusCode::CREATED {
-            gate.accepted(&repo, &bytes, content_type).await;
+            gate.accepted(&repo, &digest, bytes.len(), content_type)
+                .await;
         }
         Ok(resp)
     }
@@ -423,6 +490,7 @@ impl Proxy {
             repository: repository.to_owned(),
             reference: read.reference,
             body: None,
+            held: None,
             kind,
             auth: read.auth,
             seen_at: Instant::now().into_std(),
@@ -430,8 +498,25 @@ impl Proxy {
         };
         if read.head {
             v.validator.submit(job);
-        } else {
-            resp.body_mut().tap(Tap::new(job, v.validator.clone()));
+            return;
+        }
+        // The copy counts against the manifest memory budget; with no room (or no known
+        // length) the job goes now without a body, and validation fetches the manifest.
+        let length = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n <= oci::MAX_MANIFEST_BYTES);
+        let held = match (length, &self.gate) {
+            (Some(n), Some(gate)) => gate.budget.try_hold(n),
+            _ => None,
+        };
+        match held {
+            Some(held) => resp
+                .body_mut()
+                .tap(Tap::new(job, held, v.validator.clone())),
+            None => v.validator.submit(job),
         }
     }
 
@@ -496,6 +581,17 @@ async fn read_manifest(mut body: Incoming, idle: Duration) -> Result<Bytes, Mani
     Ok(kept.freeze())
 }
 
+/// How long a push waits for room in the manifest memory budget before its 503.
+const BUDGET_WAIT: Duration = Duration::from_secs(2);
+
+/// 503 `UNAVAILABLE` with `Retry-After`: regguard cannot take this push right now.
+fn busy(message: &str) -> Response<ResponseBody> {
+    let mut resp = crate::error::oci_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+    resp
+}
+
 fn too_large() -> Response<ResponseBody> {
     crate::error::oci_error(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -530,7 +626,8 @@ fn basic_user(auth: Option<&HeaderValue>) -> Option<String> {
         .decode(encoded.trim())
         .ok()?;
     let text = String::from_utf8(decoded).ok()?;
-    Some(text.split(':').next().unwrap_or("").to_owned())
+    // Without a colon the whole credential is a secret, not a user name: log nothing of it.
+    text.split_once(':').map(|(user, _)| user.to_owned())
 }
 
 /// `GET /` on the public listener, as the nginx front answered it.

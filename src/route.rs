@@ -77,7 +77,48 @@ impl<'a> Route<'a> {
     }
 }
 
-/// Classifies a request path (without query string).
+/// Why a request path cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the request path has a `%` that is not followed by two hex digits")]
+    BadEscape,
+    #[error("the request path decodes to bytes that are not UTF-8")]
+    NotUtf8,
+}
+
+/// The path as the registry's router sees it: percent-decoded, as Go's `net/url`
+/// fills `URL.Path` before gorilla/mux matches it. `/v2/<repo>/manifests%2Flatest`
+/// and `/v2/<repo>/%6Danifests/latest` reach the registry's manifest handler, so
+/// they must be classified as manifests here too. Borrowed when there is nothing
+/// to decode (the common case costs one scan for `%`).
+pub fn decode_path(path: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
+    if !path.contains('%') {
+        return Ok(std::borrow::Cow::Borrowed(path));
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = |j: usize| bytes.get(j).and_then(|c| char::from(*c).to_digit(16));
+            match (hex(i + 1), hex(i + 2)) {
+                (Some(h), Some(l)) => {
+                    out.push(u8::try_from(h * 16 + l).map_err(|_| PathError::BadEscape)?);
+                    i += 3;
+                }
+                _ => return Err(PathError::BadEscape),
+            }
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map(std::borrow::Cow::Owned)
+        .map_err(|_| PathError::NotUtf8)
+}
+
+/// Classifies a request path (without query string), already decoded by [`decode_path`].
 ///
 /// Repository names may themselves contain `/` and even components named
 /// `blobs` or `manifests`, so the endpoint is recognised from the right.
@@ -176,6 +217,32 @@ mod tests {
         let r = classify("/v2/org/img/tags/list");
         assert_eq!(r.kind, RouteKind::Tags);
         assert_eq!(r.repository, Some("org/img"));
+    }
+
+    #[test]
+    fn encoded_spellings_classify_as_the_registry_routes_them() {
+        for spelling in [
+            "/v2/team/app/manifests%2Flatest",
+            "/v2/team/app/%6Danifests/latest",
+            "/v2/team/app/%6d%61nifests/latest",
+            "/v2%2Fteam/app/manifests/latest",
+            "/v2/team%2Fapp/manifests/lates%74",
+        ] {
+            let decoded = decode_path(spelling).unwrap();
+            let r = classify(&decoded);
+            assert_eq!(r.kind, RouteKind::Manifest, "{spelling}");
+            assert_eq!(r.repository, Some("team/app"), "{spelling}");
+            assert_eq!(r.reference, Some("latest"), "{spelling}");
+        }
+        assert!(matches!(
+            decode_path("/v2/a/manifests/x"),
+            Ok(std::borrow::Cow::Borrowed(_))
+        ));
+        assert_eq!(decode_path("/v2/a%"), Err(PathError::BadEscape));
+        assert_eq!(decode_path("/v2/a%4"), Err(PathError::BadEscape));
+        assert_eq!(decode_path("/v2/a%zz/b"), Err(PathError::BadEscape));
+        assert_eq!(decode_path("/v2/a%ff/b"), Err(PathError::NotUtf8));
+        assert_eq!(decode_path("/v2/a%25/b").unwrap(), "/v2/a%/b");
     }
 
     #[test]

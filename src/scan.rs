@@ -218,24 +218,45 @@ impl Scanner {
         if let Some(a) = &self.settings.auth {
             req.headers_mut().insert(header::AUTHORIZATION, a.clone());
         }
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
+        // One deadline for the whole exchange, head and body: a registry that answers
+        // the head and then stalls the body must not hold a scan slot forever.
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("GET {path_and_query}: {e}"))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_MANIFEST_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("GET {path_and_query}: reading body: {e}"))?
+                .to_bytes();
+            Ok((parts.status, parts.headers, body))
+        };
+        tokio::time::timeout(REQUEST_DEADLINE, exchange)
             .await
-            .map_err(|_| format!("GET {path_and_query}: no answer within 30s"))?
-            .map_err(|e| format!("GET {path_and_query}: {e}"))?;
-        let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, MAX_MANIFEST_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("GET {path_and_query}: reading body: {e}"))?
-            .to_bytes();
-        Ok((parts.status, parts.headers, body))
+            .map_err(|_| {
+                format!("GET {path_and_query}: not answered within {REQUEST_DEADLINE:?}")
+            })?
     }
 
     /// Follows `n` + `Link` pagination, collecting `field` (a string array) from each page.
     async fn paged(&self, first: String, field: &str) -> Result<Vec<String>, String> {
         let mut out = Vec::new();
         let mut next = Some(first);
+        let mut seen = std::collections::HashSet::new();
         while let Some(path) = next.take() {
+            // A registry whose Link points back at a page already read, or that never
+            // stops paging, ends the listing here instead of looping forever.
+            if !seen.insert(path.clone()) {
+                return Err(format!(
+                    "GET {path}: pagination returned to a page already read"
+                ));
+            }
+            if seen.len() > MAX_PAGES {
+                return Err(format!("more than {MAX_PAGES} pages; listing stopped"));
+            }
             let (status, headers, body) = self.get(&path, None).await?;
             if !status.is_success() {
                 return Err(format!("GET {path}: {status}"));
@@ -383,6 +404,7 @@ impl Scanner {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
             body: Some(body),
+            held: None,
             kind,
             auth: self.settings.auth.clone(),
             seen_at: Instant::now(),
@@ -404,21 +426,23 @@ enum TagResult {
     Failed,
 }
 
-/// The target of `Link: <...>; rel="next"`.
-fn next_link(link: &str) -> Option<String> {
+/// Total deadline of one request the scan makes (listing page or manifest).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Pages one listing may take: 10,000 pages of the default 100 entries is a
+/// million repositories or tags, far past any registry this fronts.
+const MAX_PAGES: usize = 10_000;
+
+/// The target of `Link: <...>; rel="next"`, as a `/v2/` path and query. Anything
+/// else (no angle brackets, a target outside `/v2/`) is no next page. Never panics.
+pub fn next_link(link: &str) -> Option<String> {
     link.split(',').find_map(|part| {
-        let part = part.trim();
-        if !part.contains("rel=\"next\"") {
+        let (target, params) = part.trim().strip_prefix('<')?.split_once('>')?;
+        if !params.contains("rel=\"next\"") {
             return None;
         }
-        let start = part.find('<')? + 1;
-        let end = part.find('>')?;
-        let target = &part[start..end];
         // Registries send a path; some send an absolute URL: keep the path and query.
-        let path = match target.find("/v2/") {
-            Some(i) => &target[i..],
-            None => target,
-        };
+        let path = target.find("/v2/").and_then(|i| target.get(i..))?;
         Some(path.to_owned())
     })
 }
@@ -426,6 +450,20 @@ fn next_link(link: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_link_never_panics_on_malformed_headers() {
+        for bad in [
+            r#">; rel="next" <"#,
+            r#"> </v2/x>; rel="next""#,
+            "<",
+            ">",
+            r#"</elsewhere?n=1>; rel="next""#,
+            "<\u{e9}>; rel=\"next\"",
+        ] {
+            assert_eq!(next_link(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn next_link_reads_distribution_and_absolute_forms() {

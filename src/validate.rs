@@ -20,7 +20,7 @@ use moka::sync::Cache;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::checker::{Checker, FetchError, Outcome, RefKind};
+use crate::checker::{Checker, FetchError, Outcome, OverBudget, RefKind, Walk};
 use crate::config::ValidateSettings;
 use crate::integrity::{now_epoch, BrokenRef, Integrity};
 use crate::oci::{Descriptor, Manifest, ManifestKind};
@@ -35,6 +35,8 @@ pub struct Job {
     pub digest: Option<String>,
     /// The body the client received, when it was complete and under the manifest cap.
     pub body: Option<Bytes>,
+    /// The body's share of the manifest memory budget, given back when the job is done.
+    pub held: Option<crate::budget::Held>,
     pub kind: ManifestKind,
     /// The requesting client's credentials: checks see no more than the client could.
     pub auth: Option<HeaderValue>,
@@ -87,6 +89,8 @@ struct Tally {
     broken: usize,
     unauthorized: usize,
     errors: usize,
+    /// The walk reached `validate.max_references` and stopped.
+    over_budget: Option<OverBudget>,
 }
 
 /// What one validation found.
@@ -301,14 +305,27 @@ impl Inspector {
             blobs: job.blobs,
         };
         let mut tally = Tally::default();
+        let mut walk = Walk::new(self.settings.max_references);
         match manifest.as_ref() {
-            Manifest::Index { manifests } => self.walk_index(&node, manifests, 1, &mut tally).await,
+            Manifest::Index { manifests } => {
+                self.walk_index(&node, manifests, 1, &mut tally, &mut walk)
+                    .await
+            }
             Manifest::Image { .. } => {
                 if node.blobs {
-                    self.check_image_blobs(&node, &manifest, "", &mut tally)
+                    self.check_image_blobs(&node, &manifest, "", &mut tally, &mut walk)
                         .await;
                 }
             }
+        }
+        if let Some(over) = tally.over_budget {
+            tally.errors += 1;
+            tracing::warn!(
+                repository = %job.repository,
+                index_digest = %digest,
+                error = %over,
+                "validation stopped: validate.max_references reached"
+            );
         }
         let label = if tally.broken > 0 {
             "broken"
@@ -380,6 +397,7 @@ impl Inspector {
         children: &[Descriptor],
         depth: u32,
         tally: &mut Tally,
+        walk: &mut Walk,
     ) {
         if depth > self.settings.max_depth {
             tally.errors += 1;
@@ -392,6 +410,17 @@ impl Inspector {
             return;
         }
         for child in children {
+            if tally.over_budget.is_some() {
+                return;
+            }
+            match walk.visit(RefKind::Manifest, &child.digest).await {
+                Ok(true) => {}
+                Ok(false) => continue, // already walked in this validation
+                Err(over) => {
+                    tally.over_budget = Some(over);
+                    return;
+                }
+            }
             let platform = child
                 .platform
                 .as_ref()
@@ -419,11 +448,12 @@ impl Inspector {
                     self.shared.remember_references(node.repository, &m);
                     match m.as_ref() {
                         Manifest::Index { manifests } => {
-                            Box::pin(self.walk_index(node, manifests, depth + 1, tally)).await
+                            Box::pin(self.walk_index(node, manifests, depth + 1, tally, walk)).await
                         }
                         Manifest::Image { .. } => {
                             if node.blobs {
-                                self.check_image_blobs(node, &m, &platform, tally).await;
+                                self.check_image_blobs(node, &m, &platform, tally, walk)
+                                    .await;
                             }
                         }
                     }
@@ -443,10 +473,19 @@ impl Inspector {
         image: &Manifest,
         platform: &str,
         tally: &mut Tally,
+        walk: &mut Walk,
     ) {
         for blob in image.references() {
             if !blob.urls.is_empty() {
                 continue; // non-distributable layer: not in the registry by design
+            }
+            match walk.visit(RefKind::Blob, &blob.digest).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(over) => {
+                    tally.over_budget = Some(over);
+                    return;
+                }
             }
             let outcome = self
                 .checker
