@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use futures_util::future::join_all;
 
 use crate::budget::MemoryBudget;
-use crate::checker::{Checker, FetchError, Outcome, RefKind, Walk, OFF_THREAD_BYTES};
+use crate::checker::{Checker, FetchError, Outcome, OverBudget, RefKind, Walk, OFF_THREAD_BYTES};
 use crate::oci::{self, Descriptor, Manifest, ManifestKind, ParseError};
 
 /// `[gate] mode`.
@@ -252,10 +252,7 @@ impl Gate {
             platform: None,
             child: None,
         };
-        let mut level = match self.items(&mut walk, &manifest, top, 1).await {
-            Ok(items) => items,
-            Err(over) => return Verdict::TooManyReferences(over.0),
-        };
+        let (mut level, over) = self.items(&mut walk, &manifest, top, 1).await;
         // The first question of a push is never answered from the cache: it also shows
         // whether this pusher may read the repository. On 401/403 the walk stops, and the
         // push goes to the registry, which challenges the client itself; a wrong password
@@ -269,6 +266,10 @@ impl Gate {
             if let Outcome::Unauthorized(status) = outcome {
                 return Verdict::Unauthorized(status);
             }
+        }
+        // Only a pusher the registry lets read the repository hears about the budget.
+        if let Some(over) = over {
+            return Verdict::TooManyReferences(over.0);
         }
         while !level.is_empty() {
             let mut outcomes: Vec<Outcome> = Vec::with_capacity(level.len());
@@ -327,10 +328,11 @@ impl Gate {
                     platform: item.platform.as_deref(),
                     child: Some(&item.desc.digest),
                 };
-                match self.items(&mut walk, &child, place, item.depth + 1).await {
-                    Ok(more) => level.extend(more),
-                    Err(over) => return Verdict::TooManyReferences(over.0),
+                let (more, over) = self.items(&mut walk, &child, place, item.depth + 1).await;
+                if let Some(over) = over {
+                    return Verdict::TooManyReferences(over.0);
                 }
+                level.extend(more);
             }
         }
         if !found.problems.is_empty() {
@@ -342,15 +344,30 @@ impl Gate {
         }
     }
 
-    /// The references of `m` not yet visited in this walk, as items to check.
+    /// The references of `m` not yet visited in this walk, as items to check, and
+    /// whether the walk's budget ran out before all of them.
     async fn items(
         &self,
         walk: &mut Walk,
         m: &Manifest,
         place: Place<'_>,
         depth: u32,
-    ) -> Result<Vec<Item>, crate::checker::OverBudget> {
+    ) -> (Vec<Item>, Option<OverBudget>) {
         let mut out = Vec::new();
+        match self.collect(walk, m, place, depth, &mut out).await {
+            Ok(()) => (out, None),
+            Err(over) => (out, Some(over)),
+        }
+    }
+
+    async fn collect(
+        &self,
+        walk: &mut Walk,
+        m: &Manifest,
+        place: Place<'_>,
+        depth: u32,
+        out: &mut Vec<Item>,
+    ) -> Result<(), OverBudget> {
         match m {
             Manifest::Index { manifests } => {
                 for child in manifests {
@@ -382,7 +399,7 @@ impl Gate {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Checks one reference; a cached 404 is asked again before it counts.
