@@ -26,6 +26,7 @@ pub struct Admin {
     pub client: UpstreamClient,
     pub upstream: Upstream,
     pub integrity: Arc<crate::integrity::Integrity>,
+    pub supervisor: Arc<crate::supervise::Supervisor>,
 }
 
 impl Admin {
@@ -57,6 +58,13 @@ impl Admin {
                 );
                 resp
             }
+            "/readyz" if !self.supervisor.down().is_empty() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "not ready: background task down (restarting): {}\n",
+                    self.supervisor.down().join(", ")
+                ),
+            ),
             "/readyz" => match self.probe_upstream().await {
                 Ok(status) => text(
                     StatusCode::OK,

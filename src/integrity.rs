@@ -45,12 +45,18 @@ struct Inner {
     entries: HashMap<Key, BrokenRef>,
 }
 
+/// Broken references remembered at most. An entry is under 1 KiB, so this bounds the
+/// map near 100 MiB even if crafted images (each bounded by its walk's reference
+/// budget) keep adding broken references; past it they are counted, not kept.
+const MAX_ENTRIES: usize = 100_000;
+
 /// The state and its metrics.
 pub struct Integrity {
     inner: Mutex<Inner>,
     failures: IntGauge,
     info: IntGaugeVec,
     overflow: IntCounter,
+    untracked: IntCounter,
     max_series: usize,
 }
 
@@ -101,6 +107,11 @@ impl Integrity {
             "Broken references not exported as an info series because metrics.max_broken_series was reached",
         )?;
         registry.register(Box::new(overflow.clone()))?;
+        let untracked = IntCounter::new(
+            "regguard_broken_reference_untracked_total",
+            "Broken references found but not remembered because the integrity state holds its maximum (100,000)",
+        )?;
+        registry.register(Box::new(untracked.clone()))?;
         Ok(Integrity {
             inner: Mutex::new(Inner {
                 entries: HashMap::new(),
@@ -108,6 +119,7 @@ impl Integrity {
             failures: failures.get_metric_with_label_values(&[instance])?,
             info,
             overflow,
+            untracked,
             max_series,
         })
     }
@@ -130,6 +142,10 @@ impl Integrity {
             if b.auth.is_some() {
                 existing.auth = b.auth;
             }
+            return false;
+        }
+        if inner.entries.len() >= MAX_ENTRIES {
+            self.untracked.inc();
             return false;
         }
         tracing::warn!(

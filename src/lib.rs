@@ -5,6 +5,9 @@
 //! rewrites the nginx front did, stream the response back, then log and count
 //! when the exchange ends. Modules are named after what they own.
 #![forbid(unsafe_code)]
+// Parsers here read what clients and the registry send: an index or a slice that can
+// panic is a way to stop the proxy. Use `get`, `split_once`, iterators.
+#![deny(clippy::indexing_slicing, clippy::string_slice)]
 
 pub mod admin;
 pub mod body;
@@ -22,6 +25,7 @@ pub mod proxy;
 pub mod route;
 pub mod scan;
 pub mod server;
+pub mod supervise;
 pub mod tls;
 pub mod upstream;
 pub mod validate;

@@ -55,8 +55,13 @@ impl CounterSet {
 
     /// Counts one under `value` (a value not in the set is ignored).
     pub fn inc(&self, value: &str) {
-        if let Some(i) = self.values.iter().position(|v| *v == value) {
-            self.counters[i].inc();
+        if let Some(c) = self
+            .values
+            .iter()
+            .position(|v| *v == value)
+            .and_then(|i| self.counters.get(i))
+        {
+            c.inc();
         }
     }
 
@@ -65,7 +70,8 @@ impl CounterSet {
         self.values
             .iter()
             .position(|v| *v == value)
-            .map_or(0, |i| self.counters[i].get())
+            .and_then(|i| self.counters.get(i))
+            .map_or(0, |c| c.get())
     }
 }
 

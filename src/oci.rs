@@ -73,8 +73,9 @@ pub fn sha256_digest(data: &[u8]) -> String {
     let mut out = String::with_capacity(71);
     out.push_str("sha256:");
     for b in sum {
-        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-        out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+        for nibble in [b >> 4, b & 15] {
+            out.extend(char::from_digit(u32::from(nibble), 16));
+        }
     }
     out
 }

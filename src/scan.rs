@@ -540,11 +540,13 @@ pub async fn scan_once(
     let integrity = Arc::new(
         crate::integrity::Integrity::new(&metrics, "cli", usize::MAX).map_err(|e| e.to_string())?,
     );
+    let supervisor = crate::supervise::Supervisor::new(&metrics).map_err(|e| e.to_string())?;
     let validator = crate::validate::Validator::start(
         defaults.validate.clone(),
         checker,
         integrity.clone(),
         &metrics,
+        &supervisor,
     )
     .map_err(|e| e.to_string())?;
     // A progress bar only on a terminal; nothing on pipes, files or CI logs.

@@ -101,12 +101,14 @@ pub async fn serve(
         &settings.metrics.instance,
         settings.metrics.max_broken_series,
     )?);
+    let supervisor = crate::supervise::Supervisor::new(metrics.registry())?;
     // The validator's inspector also serves the scan, so both reach the same verdicts.
     let validator = crate::validate::Validator::start(
         settings.validate.clone(),
         checker.clone(),
         integrity.clone(),
         metrics.registry(),
+        &supervisor,
     )?;
     if settings.scan.enabled {
         let scanner = Arc::new(crate::scan::Scanner::new(
@@ -117,7 +119,7 @@ pub async fn serve(
             metrics.registry(),
             &settings.metrics.instance,
         )?);
-        tokio::spawn(scanner.run_forever());
+        supervisor.spawn("scan", move || scanner.clone().run_forever());
     }
     let validation = settings.validate.enabled.then(|| crate::proxy::Validation {
         validator,
@@ -147,6 +149,7 @@ pub async fn serve(
         client: pools.lean().clone(),
         upstream: settings.upstream.clone(),
         integrity,
+        supervisor,
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -24,6 +24,8 @@ use crate::checker::{Checker, FetchError, Outcome, OverBudget, RefKind, Walk};
 use crate::config::ValidateSettings;
 use crate::integrity::{now_epoch, BrokenRef, Integrity};
 use crate::oci::{Descriptor, Manifest, ManifestKind};
+use crate::supervise::Supervisor;
+use futures_util::FutureExt as _;
 
 /// One manifest a client was served, to validate.
 #[derive(Debug)]
@@ -111,6 +113,7 @@ impl Validator {
         checker: Arc<Checker>,
         integrity: Arc<Integrity>,
         registry: &Registry,
+        supervisor: &Arc<Supervisor>,
     ) -> Result<Arc<Self>, prometheus::Error> {
         let index_checks = CounterSet::new(
             registry,
@@ -160,10 +163,16 @@ impl Validator {
                 detection,
                 not_found,
             },
+            // A key is two shared strings (~150 bytes with moka's overhead): a million
+            // references seen in the last day is ~150 MiB at most, enough for every
+            // child and blob of a large registry; past it the least recently used go,
+            // and a 404 for one of those is counted as unreferenced.
             referenced: Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_idle(Duration::from_secs(24 * 3600))
                 .build(),
+            // Manifests validated ok within ok_ttl: one entry per (repository, digest)
+            // served; 100,000 covers every index a registry serves in five minutes.
             recent_ok: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(settings.ok_ttl)
@@ -175,8 +184,13 @@ impl Validator {
             settings,
             shared: shared.clone(),
         });
-        tokio::spawn(dispatch(rx, inspector.clone()));
-        tokio::spawn(recheck_loop(inspector.clone()));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let (w, sup) = (inspector.clone(), supervisor.clone());
+        supervisor.spawn("dispatcher", move || {
+            dispatch(rx.clone(), w.clone(), sup.clone())
+        });
+        let w = inspector.clone();
+        supervisor.spawn("recheck", move || recheck_loop(w.clone()));
         Ok(Arc::new(Validator {
             tx,
             shared,
@@ -217,7 +231,15 @@ impl Validator {
             .referenced
             .contains_key(&(Arc::from(repository), Arc::from(digest)));
         let k = usize::from(kind == RefKind::Blob);
-        self.shared.metrics.not_found[k][usize::from(referenced)].inc();
+        if let Some(c) = self
+            .shared
+            .metrics
+            .not_found
+            .get(k)
+            .and_then(|row| row.get(usize::from(referenced)))
+        {
+            c.inc();
+        }
     }
 }
 
@@ -231,16 +253,29 @@ impl Shared {
     }
 }
 
-async fn dispatch(mut rx: mpsc::Receiver<Job>, worker: Arc<Inspector>) {
+/// Takes jobs off the queue and runs each as its own task, `workers` at a time. The
+/// receiver is shared so a restarted dispatcher (see `supervise`) carries on with it;
+/// a job that panics is counted and ends alone.
+async fn dispatch(
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    worker: Arc<Inspector>,
+    supervisor: Arc<Supervisor>,
+) {
     let permits = Arc::new(Semaphore::new(worker.settings.workers));
+    let mut rx = rx.lock().await;
     while let Some(job) = rx.recv().await {
         worker.shared.metrics.queue_depth.dec();
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let w = worker.clone();
+        let sup = supervisor.clone();
         tokio::spawn(async move {
-            w.validate(job).await;
+            let run = std::panic::AssertUnwindSafe(w.validate(job));
+            if run.catch_unwind().await.is_err() {
+                sup.panicked("validation");
+                tracing::error!("a validation job panicked; it was dropped");
+            }
             drop(permit);
         });
     }
@@ -568,6 +603,9 @@ impl Inspector {
     }
 }
 
+/// Pause between two re-checks of broken references (at most 50 per second).
+const RECHECK_PACE: Duration = Duration::from_millis(20);
+
 async fn recheck_loop(worker: Arc<Inspector>) {
     let period = worker.settings.missing_ttl.max(Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
@@ -576,6 +614,8 @@ async fn recheck_loop(worker: Arc<Inspector>) {
         tick.tick().await;
         for b in worker.integrity.snapshot() {
             worker.recheck(&b).await;
+            // Paced: a registry with many broken references is not asked in one burst.
+            tokio::time::sleep(RECHECK_PACE).await;
         }
     }
 }
