@@ -147,6 +147,10 @@ fn nested_index_bomb_neither_stalls_the_proxy_nor_holds_its_exit() {
     poll_until(Duration::from_secs(20), "the bomb's validation", || {
         (rg.metric("regguard_index_checks_total{result=\"ok\"}") > ok_before).then_some(())
     });
+    for task in ["dispatcher", "recheck"] {
+        let series = format!("regguard_background_task_up{{task=\"{task}\"}}");
+        assert_eq!(rg.metric(&series), 1.0, "{series}");
+    }
     rg.proc.signal("TERM");
     assert!(
         rg.proc.wait_exit(Duration::from_secs(10)).is_some(),
@@ -560,4 +564,115 @@ fn a_long_steady_upload_succeeds_and_a_stalled_one_is_cut() {
         Bytes::new(),
     );
     assert_eq!(head.status, 404, "the registry stored a cut upload");
+}
+
+/// A registry that misbehaves at the HTTP level, on a raw socket: the catalog's `Link`
+/// points back at itself (or is malformed), and every manifest body stalls after its head.
+fn misbehaving_registry(link: &'static str) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                loop {
+                    let Ok(n) = conn.read(&mut buf) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let (headers, body): (String, String) = if path.starts_with("/v2/_catalog") {
+                        (
+                            format!("Link: {link}\r\n"),
+                            r#"{"repositories":["stall/app"]}"#.into(),
+                        )
+                    } else if path.contains("/tags/list") {
+                        (
+                            String::new(),
+                            r#"{"name":"stall/app","tags":["v1"]}"#.into(),
+                        )
+                    } else if path.contains("/manifests/") {
+                        // The head, a few bytes of a 1000-byte body, then nothing, ever.
+                        let _ = conn.write_all(
+                            format!("HTTP/1.1 200 OK\r\nContent-Type: {OCI_INDEX}\r\nContent-Length: 1000\r\n\r\n{{\"schema").as_bytes(),
+                        );
+                        std::thread::sleep(Duration::from_secs(600));
+                        return;
+                    } else {
+                        (String::new(), "{}".into())
+                    };
+                    let _ = conn.write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    );
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn cli_scan_within(url: &str, limit: Duration) -> Option<(Option<i32>, String)> {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_regguard"))
+        .args(["scan", "--registry", url, "--insecure", "--format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            return Some((status.code(), out));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn a_registry_that_loops_its_pages_or_stalls_its_bodies_cannot_hang_a_scan() {
+    let scans: Vec<_> = [
+        r#"</v2/_catalog?n=100>; rel="next""#,
+        r#">; rel="next" <"#,
+        r#"<https://elsewhere.example/not-v2>; rel="next""#,
+    ]
+    .into_iter()
+    .map(|link| {
+        let addr = misbehaving_registry(link);
+        // Every request the scan makes has a total deadline (30 s): a stalled manifest
+        // body ends as an error, and a Link back to the same page ends the listing.
+        let scan = std::thread::spawn(move || {
+            cli_scan_within(&format!("http://{addr}"), Duration::from_secs(120))
+        });
+        (link, scan)
+    })
+    .collect();
+    for (link, scan) in scans {
+        let finished = scan.join().unwrap();
+        let (code, out) = finished.unwrap_or_else(|| panic!("the scan hung (Link {link})"));
+        assert!(
+            matches!(code, Some(1) | Some(2)),
+            "Link {link}: {code:?} {out}"
+        );
+    }
 }
