@@ -558,8 +558,8 @@ fn validation_bench(
     }
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let m = on.metrics();
-    let mean = common::metric_value(&m, "regguard_detection_seconds_sum")
-        / common::metric_value(&m, "regguard_detection_seconds_count")
+    let mean = common::metric_in(&m, "regguard_detection_seconds_sum")
+        / common::metric_in(&m, "regguard_detection_seconds_count")
         * 1000.0;
     println!(
         "\nDetection latency (index response to the client → broken child visible on /integrity, polled; 30 incidents): p50 {:.1} ms, p99 {:.1} ms; regguard's own `regguard_detection_seconds` mean {:.1} ms.",

@@ -87,7 +87,8 @@ fn healthy_image_exits_0_and_each_broken_one_exits_1_naming_digest_and_platform(
 
 #[test]
 fn unreachable_registry_or_missing_credentials_exit_2_with_a_clear_message() {
-    let dead = format!("127.0.0.1:{}", common::free_port());
+    let closed = common::ClosedPort::reserve();
+    let dead = closed.addr.to_string();
     let (code, _, err) = check(&["--insecure", &format!("{dead}/a/b:v1")], &[]);
     assert_eq!(code, Some(2));
     assert!(err.contains("unreachable"), "{err}");

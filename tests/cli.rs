@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::net::TcpStream;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, poll_until, Proc};
+use common::{poll_until, regguard_bound, Proc};
 
 fn regguard() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_regguard"));
@@ -91,11 +91,11 @@ fn bad_config_fails_at_start_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cert.pem"));
 }
 
-/// Starts `regguard serve` with the given extra args/env and returns the port it listens on
-/// among `candidates`.
-fn listening_port(args: &[&str], env: &[(&str, String)], candidates: &[u16]) -> u16 {
+/// Starts `regguard serve` with the given extra args/env and returns the address its public
+/// listener bound, from its start-up line.
+fn listening_addr(args: &[&str], env: &[(&str, String)]) -> SocketAddr {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
+    let log = dir.path().join("regguard.log");
     let mut cmd = regguard();
     cmd.arg("serve")
         .args(args)
@@ -105,36 +105,40 @@ fn listening_port(args: &[&str], env: &[(&str, String)], candidates: &[u16]) -> 
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let _proc = Proc {
-        child: Some(cmd.spawn().unwrap()),
-        log,
-    };
-    poll_until(Duration::from_secs(20), "regguard to listen", || {
-        candidates
-            .iter()
-            .copied()
-            .find(|p| TcpStream::connect(("127.0.0.1", *p)).is_ok())
-    })
+    let proc = Proc::adopt(cmd.spawn().unwrap(), log);
+    let (public, _admin) = poll_until(Duration::from_secs(20), "regguard to listen", || {
+        regguard_bound(&proc.log_text())
+    });
+    assert!(
+        proc.listening().contains(&public),
+        "regguard holds the socket it logged"
+    );
+    public
 }
 
 #[test]
 fn flags_beat_environment_beats_file() {
-    let (file_port, env_port, flag_port) = (free_port(), free_port(), free_port());
+    // Each source names its own loopback address, with port 0: which one regguard bound
+    // tells which source won, with no port picked in advance.
+    let (file_ip, env_ip, flag_ip) = ("127.0.0.11", "127.0.0.12", "127.0.0.13");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("regguard.toml");
     std::fs::write(
         &file,
-        format!("listen = \"127.0.0.1:{file_port}\"\nadmin_listen = \"127.0.0.1:{}\"\nupstream = \"http://127.0.0.1:9\"\n", free_port()),
+        format!("listen = \"{file_ip}:0\"\nadmin_listen = \"127.0.0.2:0\"\nupstream = \"http://127.0.0.1:9\"\n"),
     )
     .unwrap();
     let config = file.to_str().unwrap();
-    let all = [file_port, env_port, flag_port];
-    let env = [("REGGUARD_LISTEN", format!("127.0.0.1:{env_port}"))];
-    assert_eq!(listening_port(&["--config", config], &[], &all), file_port);
-    assert_eq!(listening_port(&["--config", config], &env, &all), env_port);
-    let flag = format!("127.0.0.1:{flag_port}");
+    let env = [("REGGUARD_LISTEN", format!("{env_ip}:0"))];
+    let ip = |a: SocketAddr| a.ip().to_string();
+    assert_eq!(ip(listening_addr(&["--config", config], &[])), file_ip);
+    assert_eq!(ip(listening_addr(&["--config", config], &env)), env_ip);
+    let flag = format!("{flag_ip}:0");
     assert_eq!(
-        listening_port(&["--config", config, "--listen", &flag], &env, &all),
-        flag_port
+        ip(listening_addr(
+            &["--config", config, "--listen", &flag],
+            &env
+        )),
+        flag_ip
     );
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::oci;
-use common::{metric_value, poll_until, Regguard, RegguardOptions, Registry, RegistryOptions};
+use common::{metric_in, poll_until, Regguard, RegguardOptions, Registry, RegistryOptions};
 
 /// Fills a registry: 30 repositories (multi-arch in even ones, single-platform in odd ones),
 /// one of them with 25 tags. Returns (tags in total, multi-arch tags in total).
@@ -73,7 +73,7 @@ fn scanning(reg: &Registry, extra: &[(&str, &str)]) -> Regguard {
 }
 
 fn probe(m: &str, name: &str) -> f64 {
-    metric_value(m, &format!("{name}{{instance=\"scan-test\"}}"))
+    metric_in(m, &format!("{name}{{instance=\"scan-test\"}}"))
 }
 
 #[test]
@@ -125,11 +125,8 @@ fn background_scan_walks_every_page_and_finds_what_nobody_pulled() {
         .unwrap()
         .as_secs_f64();
     assert!((now - probe(&m, "registry_manifest_integrity_last_run_timestamp")).abs() < 300.0);
-    assert_eq!(
-        metric_value(&m, "regguard_scan_duration_seconds_count"),
-        1.0
-    );
-    assert_eq!(metric_value(&m, "regguard_scan_errors_total"), 0.0);
+    assert_eq!(metric_in(&m, "regguard_scan_duration_seconds_count"), 1.0);
+    assert_eq!(metric_in(&m, "regguard_scan_errors_total"), 0.0);
     let info: Vec<&str> = m
         .lines()
         .filter(|l| l.starts_with("regguard_broken_reference_info{"))
@@ -242,7 +239,8 @@ fn scan_command_exits_0_healthy_1_broken_2_unreachable() {
     assert_eq!(v["broken"][0]["child_digest"], child.as_str());
     assert_eq!(v["broken"][0]["platform"], "linux/amd64");
 
-    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let closed = common::ClosedPort::reserve();
+    let dead = closed.url();
     let (code, _, _) = cli_scan(&["--registry", &dead, "--insecure"]);
     assert_eq!(code, Some(2));
     let (code, _, err) = cli_scan(&["--registry", &url]);
@@ -276,7 +274,7 @@ fn scan_blobs_off_checks_manifests_only() {
         let blob_checks: f64 = ["ok", "missing"]
             .iter()
             .map(|r| {
-                metric_value(
+                metric_in(
                     &m,
                     &format!("regguard_reference_checks_total{{kind=\"blob\",result=\"{r}\"}}"),
                 )

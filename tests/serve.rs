@@ -118,13 +118,13 @@ fn one_gib_blob_streams_chunked_both_ways_in_bounded_memory_with_ranges() {
     );
     let metrics = rg.metrics();
     assert!(
-        common::metric_value(
+        common::metric_in(
             &metrics,
             r#"regguard_request_body_bytes_total{route="upload"}"#
         ) >= GIB as f64
     );
     assert!(
-        common::metric_value(
+        common::metric_in(
             &metrics,
             r#"regguard_response_body_bytes_total{route="blob"}"#
         ) >= GIB as f64
@@ -219,7 +219,8 @@ fn http_req(method: &str, url: &str) -> ::http::Request<http_body_util::Full<Byt
 
 #[test]
 fn upstream_down_answers_502_with_oci_error_envelope() {
-    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let closed = common::ClosedPort::reserve();
+    let dead = closed.url();
     let rg = Regguard::start(&dead);
     let r = http::get(&format!("{}/v2/", rg.url()));
     assert_eq!(r.status, 502);

@@ -6,14 +6,15 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::fake::{Answer, FakeUpstream};
 use common::http::{self, send, sha256_digest};
 use common::oci::{self, ACCEPT_ALL, OCI_INDEX};
 use common::{
-    metric_value, poll_until, skopeo, Regguard, RegguardOptions, Registry, RegistryOptions,
+    metric_in, metric_value, poll_until, skopeo, Regguard, RegguardOptions, Registry,
+    RegistryOptions,
 };
 
 const FAILURES: &str = r#"registry_manifest_integrity_failures{instance="test"}"#;
@@ -31,16 +32,23 @@ fn validating(upstream: &str, env: &[(&str, &str)]) -> Regguard {
     )
 }
 
-/// Waits until `series` satisfies `pred`; returns the whole exposition then.
+/// Waits until `series` is exported and satisfies `pred`; returns the whole exposition then.
 fn wait_metric(rg: &Regguard, series: &str, pred: impl Fn(f64) -> bool) -> String {
-    poll_until(
-        WAIT,
-        &format!("{series} to reach the expected value"),
-        || {
-            let m = rg.metrics();
-            pred(metric_value(&m, series)).then_some(m)
-        },
-    )
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = rg.metrics();
+        let value = metric_value(&m, series);
+        if value.is_some_and(&pred) {
+            return m;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{series} did not reach the expected value within {WAIT:?}; last: {}",
+                value.map_or("not exported".into(), |v| v.to_string())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Index validations finished, whatever their result.
@@ -48,7 +56,7 @@ fn index_checks_total(metrics: &str) -> f64 {
     ["ok", "broken", "unauthorized", "error"]
         .iter()
         .map(|r| {
-            metric_value(
+            metric_in(
                 metrics,
                 &format!("regguard_index_checks_total{{result=\"{r}\"}}"),
             )
@@ -125,27 +133,27 @@ fn healthy_multi_arch_pull_checks_everything_ok_and_raises_nothing() {
         r#"regguard_reference_checks_total{kind="blob",result="ok"}"#,
         |v| v >= 10.0,
     );
-    assert!(metric_value(&m, r#"regguard_index_checks_total{result="ok"}"#) >= 1.0);
+    assert!(metric_in(&m, r#"regguard_index_checks_total{result="ok"}"#) >= 1.0);
     assert!(
-        metric_value(
+        metric_in(
             &m,
             r#"regguard_reference_checks_total{kind="manifest",result="ok"}"#
         ) >= 4.0
     );
-    assert_eq!(metric_value(&m, FAILURES), 0.0);
+    assert_eq!(metric_in(&m, FAILURES), 0.0);
     assert_eq!(
-        metric_value(&m, r#"regguard_index_checks_total{result="broken"}"#),
+        metric_in(&m, r#"regguard_index_checks_total{result="broken"}"#),
         0.0
     );
     assert_eq!(
-        metric_value(
+        metric_in(
             &m,
             r#"regguard_client_not_found_total{kind="manifest",referenced="true"}"#
         ),
         0.0
     );
     assert_eq!(
-        metric_value(
+        metric_in(
             &m,
             r#"regguard_client_not_found_total{kind="blob",referenced="true"}"#
         ),
@@ -195,9 +203,9 @@ fn missing_child_is_known_before_the_client_asks_for_it() {
         info[0]
     );
     assert!(info[0].contains(r#"repository="ci/runner""#), "{}", info[0]);
-    assert_eq!(metric_value(&m, "regguard_detection_seconds_count"), 1.0);
+    assert_eq!(metric_in(&m, "regguard_detection_seconds_count"), 1.0);
     assert_eq!(
-        metric_value(
+        metric_in(
             &m,
             r#"regguard_client_not_found_total{kind="manifest",referenced="true"}"#
         ),
@@ -260,7 +268,7 @@ fn missing_layer_link_of_a_child_image_is_a_broken_blob_reference() {
         info[0]
     );
     assert!(
-        metric_value(
+        metric_in(
             &m,
             r#"regguard_reference_checks_total{kind="blob",result="missing"}"#
         ) >= 1.0
@@ -303,7 +311,7 @@ fn fifty_pulls_of_a_healthy_image_ask_the_registry_once_per_reference() {
     let m = wait_metric(&rg, r#"regguard_index_checks_total{result="ok"}"#, |v| {
         v == 50.0
     });
-    assert!(metric_value(&m, "regguard_validation_cache_hits_total") > 0.0);
+    assert!(metric_in(&m, "regguard_validation_cache_hits_total") > 0.0);
     let asked = regguard_requests(&reg);
     for (req, n) in &asked {
         assert_eq!(*n, 1, "{req} asked {n} times: {asked:#?}");
@@ -333,7 +341,7 @@ fn checks_carry_the_clients_credentials_and_401s_are_never_broken() {
     let total = index_checks_total(&m);
     assert_eq!(total, 1.0, "the anonymous 401 caused no validation");
     assert!(
-        metric_value(
+        metric_in(
             &m,
             r#"regguard_reference_checks_total{kind="manifest",result="ok"}"#
         ) >= 4.0
@@ -364,13 +372,13 @@ fn checks_carry_the_clients_credentials_and_401s_are_never_broken() {
         r#"regguard_index_checks_total{result="unauthorized"}"#,
         |v| v == 1.0,
     );
-    assert_eq!(metric_value(&m, FAILURES), 0.0);
+    assert_eq!(metric_in(&m, FAILURES), 0.0);
     assert_eq!(
-        metric_value(&m, r#"regguard_index_checks_total{result="broken"}"#),
+        metric_in(&m, r#"regguard_index_checks_total{result="broken"}"#),
         0.0
     );
     assert!(
-        metric_value(
+        metric_in(
             &m,
             r#"regguard_reference_checks_total{kind="manifest",result="unauthorized"}"#
         ) >= 1.0
@@ -417,14 +425,14 @@ fn a_flood_of_distinct_indexes_drops_validation_work_not_client_requests() {
     let m = poll_until(WAIT, "the validation queue to drain", || {
         let m = rg.metrics();
         let done = index_checks_total(&m);
-        (done + metric_value(&m, "regguard_validation_dropped_total") == n as f64).then_some(m)
+        (done + metric_in(&m, "regguard_validation_dropped_total") == n as f64).then_some(m)
     });
     assert!(
-        metric_value(&m, "regguard_validation_dropped_total") > 0.0,
+        metric_in(&m, "regguard_validation_dropped_total") > 0.0,
         "a 4-deep queue must overflow"
     );
-    assert_eq!(metric_value(&m, "regguard_validation_queue_depth"), 0.0);
-    assert_eq!(metric_value(&m, FAILURES), 0.0);
+    assert_eq!(metric_in(&m, "regguard_validation_queue_depth"), 0.0);
+    assert_eq!(metric_in(&m, FAILURES), 0.0);
     let peak = rg.proc.peak_rss_kib() / 1024;
     assert!(peak < 64, "peak RSS {peak} MiB");
 }
@@ -531,10 +539,10 @@ fn lying_or_malformed_upstream_manifests_count_as_errors_and_reach_clients_untou
         v == 4.0
     });
     assert_eq!(
-        metric_value(&m, r#"regguard_index_checks_total{result="ok"}"#),
+        metric_in(&m, r#"regguard_index_checks_total{result="ok"}"#),
         0.0
     );
-    assert_eq!(metric_value(&m, FAILURES), 0.0);
+    assert_eq!(metric_in(&m, FAILURES), 0.0);
     let log = rg.log_text();
     assert_eq!(log.matches("cannot validate manifest").count(), 3, "{log}");
     assert_eq!(

@@ -1,18 +1,23 @@
 //! Test harness: real registry, real regguard binary, real nginx, real clients.
 //!
-//! Every process is started on free loopback ports in its own temp dir and
-//! stopped by PID when its handle drops. A missing tool fails the test with the
-//! Debian package to install; nothing is skipped.
+//! Every server binds port 0 in its own temp dir and reports the address it got
+//! (nginx, which refuses port 0, retries on a bind failure); no port is picked
+//! free and hoped for. Each is stopped by PID when its handle drops, and the
+//! test fails if a process it started outlives it (see `process`). A missing
+//! tool fails the test with the Debian package to install; nothing is skipped.
 #![allow(dead_code)]
 
 pub mod fake;
 pub mod http;
 pub mod oci;
+pub mod process;
+
+pub use process::Proc;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Fails the test unless `bin` exists, naming the Debian package that provides it.
@@ -24,12 +29,6 @@ pub fn require_tool(bin: &str, package: &str) -> PathBuf {
         }
     }
     panic!("`{bin}` is not installed: install the Debian package `{package}` (apt-get install -y {package}); .ci/run does this");
-}
-
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().unwrap().port()
 }
 
 /// Waits until something accepts TCP connections on `addr`.
@@ -61,66 +60,6 @@ pub fn poll_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
-/// A child process stopped (SIGKILL by PID) when dropped, unless already reaped.
-pub struct Proc {
-    pub child: Option<Child>,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("process still owned").id()
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends a signal by PID with kill(1).
-    pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{sig}"), self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{sig} failed");
-    }
-
-    /// Waits for the process to exit and returns its exit code.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let child = self.child.as_mut().expect("process still owned");
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                self.child = None;
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                panic!("process did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Peak resident set size (VmHWM) in KiB, from /proc.
-    pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/<pid>/status")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
     let out = std::fs::File::create(&log).unwrap();
     let err = out.try_clone().unwrap();
@@ -130,9 +69,29 @@ fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
         .stderr(err)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    Proc {
-        child: Some(child),
-        log,
+    Proc::adopt(child, log)
+}
+
+/// A loopback address where nothing listens and nothing can start listening while this
+/// lives: the port is bound (never listened on), so connecting is refused.
+pub struct ClosedPort {
+    pub addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+impl ClosedPort {
+    pub fn reserve() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        ClosedPort {
+            addr,
+            _socket: socket,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 }
 
@@ -162,8 +121,6 @@ impl Registry {
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).unwrap();
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let auth = match &opts.auth {
             Some((user, pass)) => {
                 let hash = bcrypt::hash(pass, 4).unwrap();
@@ -178,17 +135,20 @@ impl Registry {
         };
         // No `cache:` under storage: the blob descriptor cache would hide removed layer links.
         let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n{auth}",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:0\n{auth}",
             storage.display()
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("registry.log");
-        let proc = spawn(
+        let mut proc = spawn(
             Command::new(bin).arg("serve").arg(&config_path),
             log.clone(),
         );
-        wait_for_port(addr, "docker-registry", &log);
+        // Port 0: the kernel's choice, read back from /proc.
+        let addr = wait_listening(&mut proc, "docker-registry", |a| {
+            a.ip().to_string() == "127.0.0.1"
+        });
         Registry {
             addr,
             storage,
@@ -243,6 +203,74 @@ impl Registry {
     pub fn log_text(&self) -> String {
         self.proc.log_text()
     }
+
+    /// Whether the registry holds `repo`'s manifest `reference` (tag or digest), asked with
+    /// a HEAD that accepts every manifest type (registry 2.8 answers 404 for an OCI manifest
+    /// unless asked for OCI types). Panics on any answer but 200 or 404.
+    pub fn has_manifest(&self, repo: &str, reference: &str) -> bool {
+        self.head(&format!("/v2/{repo}/manifests/{reference}"))
+    }
+
+    /// Whether the registry serves blob `digest` in `repo`, by HEAD. Panics on any answer
+    /// but 200 or 404.
+    pub fn has_blob(&self, repo: &str, digest: &str) -> bool {
+        self.head(&format!("/v2/{repo}/blobs/{digest}"))
+    }
+
+    fn head(&self, path: &str) -> bool {
+        let r = http::send(
+            "HEAD",
+            &format!("{}{path}", self.url()),
+            &[("accept", oci::ACCEPT_ALL)],
+            bytes::Bytes::new(),
+        );
+        match r.status {
+            200 => true,
+            404 => false,
+            s => panic!("HEAD {path} on the registry answered {s}: cannot tell"),
+        }
+    }
+}
+
+/// Waits until `proc` listens on a TCP address `pick` accepts (from /proc) and returns it;
+/// fails with its log if it exits first or takes over 30 s.
+fn wait_listening(proc: &mut Proc, what: &str, pick: impl Fn(&SocketAddr) -> bool) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(a) = proc.listening().into_iter().find(|a| pick(a)) {
+            return a;
+        }
+        if let Some(status) = proc.try_exit() {
+            panic!(
+                "{what} exited ({status}) before listening; its log:\n{}",
+                proc.log_text()
+            );
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what} did not listen within 30s; its log:\n{}",
+                proc.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The public and admin addresses from regguard's start-up line (`regguard serving`, with
+/// `listen` and `admin` fields), in the JSON or the text log format.
+pub fn regguard_bound(log: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let line = log.lines().find(|l| l.contains("regguard serving"))?;
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        let field = |k: &str| v[k].as_str()?.parse().ok();
+        return Some((field("listen")?, field("admin")?));
+    }
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))?
+            .parse()
+            .ok()
+    };
+    Some((field("listen")?, field("admin")?))
 }
 
 /// The regguard binary under test, started as an operator would start it.
@@ -271,13 +299,13 @@ impl Regguard {
 
     pub fn start_with(upstream: &str, opts: RegguardOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.path().join("regguard.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_regguard"));
         cmd.arg("serve")
-            .args(["--listen", &public.to_string()])
-            .args(["--admin-listen", &admin.to_string()])
+            // Port 0 for both. The admin listener goes on another loopback address because
+            // regguard refuses `admin_listen` equal to `listen`, which `127.0.0.1:0` twice is.
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.2:0"])
             .args(["--upstream", upstream])
             .args(["--log-format", "json"])
             .args(&opts.args)
@@ -289,9 +317,27 @@ impl Regguard {
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
-        let proc = spawn(&mut cmd, log.clone());
-        wait_for_port(public, "regguard", &log);
-        wait_for_port(admin, "regguard admin", &log);
+        let mut proc = spawn(&mut cmd, log.clone());
+        // It logs the addresses once both listeners are bound.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (public, admin) = loop {
+            if let Some(bound) = regguard_bound(&proc.log_text()) {
+                break bound;
+            }
+            if let Some(status) = proc.try_exit() {
+                panic!(
+                    "regguard exited ({status}) before serving; its log:\n{}",
+                    proc.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "regguard logged no `regguard serving` line (INFO, with the bound addresses) within 30s; its log:\n{}",
+                    proc.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         Regguard {
             public,
             admin,
@@ -313,8 +359,14 @@ impl Regguard {
         http::get_text(&format!("http://{}/metrics", self.admin))
     }
 
-    /// The value of one exact series line (`name{labels}`), or 0 when absent.
+    /// The value of one exact series line (`name{labels}`). Panics, naming the series and the
+    /// metric families present, when it is not exported: a misspelled series never reads 0.
     pub fn metric(&self, series: &str) -> f64 {
+        metric_in(&self.metrics(), series)
+    }
+
+    /// The value of one exact series, or `None` when it is not exported.
+    pub fn metric_opt(&self, series: &str) -> Option<f64> {
         metric_value(&self.metrics(), series)
     }
 
@@ -323,15 +375,39 @@ impl Regguard {
     }
 }
 
-/// The value of one exact series in a Prometheus text exposition, or 0 when absent.
-pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().unwrap())
+/// The value of one exact series (`name{labels}`) in a Prometheus text exposition, or `None`
+/// when no such series is exported.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| {
+            value
+                .parse()
+                .unwrap_or_else(|e| panic!("series {series}: value `{value}` ({e})"))
         })
-        .unwrap_or(0.0)
+    })
+}
+
+/// The value of one exact series in a Prometheus text exposition. Panics when it is not
+/// exported, naming the series, the other series of its family and the families present.
+pub fn metric_in(text: &str, series: &str) -> f64 {
+    metric_value(text, series).unwrap_or_else(|| {
+        let family = series.split('{').next().unwrap_or(series);
+        let siblings: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.starts_with(family))
+            .collect();
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        panic!(
+            "metric series `{series}` is not exported\n  series starting `{family}`: {}\n  families present: {}",
+            siblings.join("; "),
+            families.join(", ")
+        )
+    })
 }
 
 /// nginx configured from a file in `nginx-compat/`, with `@PLACEHOLDERS@` filled in.
@@ -365,55 +441,92 @@ impl Nginx {
         };
         let bin = require_tool("nginx", "nginx-light");
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let text = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("nginx-compat")
                 .join(template),
         )
         .unwrap();
-        let mut conf = text
-            .replace("@LISTEN@", &addr.to_string())
-            .replace("@UPSTREAM@", &upstream.to_string())
-            .replace("@PREFIX@", &dir.path().display().to_string());
-        for (k, v) in &vars {
-            conf = conf.replace(&format!("@{k}@"), v);
+        // nginx refuses `listen 127.0.0.1:0` ("invalid port"), so it cannot be given port 0:
+        // pick a port the kernel just handed out and, if someone takes it before nginx binds
+        // it, start again on another. Listening is confirmed on nginx's own sockets (/proc),
+        // never by connecting, which would also succeed against whoever took the port.
+        for attempt in 1..=5 {
+            let addr = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap();
+            let mut conf = text
+                .replace("@LISTEN@", &addr.to_string())
+                .replace("@UPSTREAM@", &upstream.to_string())
+                .replace("@PREFIX@", &dir.path().display().to_string());
+            for (k, v) in &vars {
+                conf = conf.replace(&format!("@{k}@"), v);
+            }
+            let unfilled =
+                conf.split('@').skip(1).step_by(2).find(|w| {
+                    !w.is_empty() && w.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+                });
+            assert!(
+                unfilled.is_none(),
+                "unfilled placeholder @{unfilled:?}@ in {template}"
+            );
+            let conf_path = dir.path().join("nginx.conf");
+            std::fs::File::create(&conf_path)
+                .unwrap()
+                .write_all(conf.as_bytes())
+                .unwrap();
+            let log = dir.path().join("nginx.log");
+            let mut proc = spawn(
+                Command::new(&bin)
+                    .arg("-p")
+                    .arg(dir.path())
+                    .arg("-c")
+                    .arg(&conf_path)
+                    .args(["-g", "daemon off;"]),
+                log.clone(),
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if proc.listening().contains(&addr) {
+                    return Nginx {
+                        addr,
+                        proc,
+                        _dir: dir,
+                    };
+                }
+                if let Some(status) = proc.try_exit() {
+                    let log = proc.log_text();
+                    if log.contains("Address already in use") && attempt < 5 {
+                        break;
+                    }
+                    panic!("nginx exited ({status}) on attempt {attempt}; its log:\n{log}");
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "nginx did not listen on {addr} within 30s; its log:\n{}",
+                        proc.log_text()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        let unfilled = conf
-            .split('@')
-            .skip(1)
-            .step_by(2)
-            .find(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_uppercase() || c == '_'));
-        assert!(
-            unfilled.is_none(),
-            "unfilled placeholder @{unfilled:?}@ in {template}"
-        );
-        let conf_path = dir.path().join("nginx.conf");
-        std::fs::File::create(&conf_path)
-            .unwrap()
-            .write_all(conf.as_bytes())
-            .unwrap();
-        let log = dir.path().join("nginx.log");
-        let proc = spawn(
-            Command::new(bin)
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-c")
-                .arg(&conf_path)
-                .args(["-g", "daemon off;"]),
-            log.clone(),
-        );
-        wait_for_port(addr, "nginx", &log);
-        Nginx {
-            addr,
-            proc,
-            _dir: dir,
-        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Stops nginx gracefully: SIGQUIT to the master, which finishes open requests and
+    /// waits for its workers; SIGKILL after 10 s. Fails the test if any worker outlives it.
+    pub fn stop(&mut self) {
+        self.proc.stop_with("QUIT", Duration::from_secs(10));
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
