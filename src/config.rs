@@ -656,7 +656,8 @@ impl Settings {
             )?,
             access_log: args.access_log.or(file.access_log).unwrap_or(true),
         };
-        if settings.listen == settings.admin_listen {
+        // Port 0 twice means two ephemeral ports, which always differ.
+        if settings.listen == settings.admin_listen && settings.listen.port() != 0 {
             return Err(invalid(
                 "admin_listen",
                 "must differ from `listen`: metrics are never served on the public listener",

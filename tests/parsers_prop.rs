@@ -2,10 +2,9 @@
 //! registry send: route classification, manifests and indexes, digests, content
 //! types and durations. Public API only, and behaviour only: what a caller can
 //! observe, so the properties hold whatever the parsers look like inside.
-//!
-//! Not covered: the `Link` header parser of the scan (`scan::next_link`) is
-//! private, and no public API reaches it without a registry; the scan tests
-//! exercise it against the real one.
+//! Also: percent-decoding of paths as the registry's router decodes them, the
+//! scan's `Link` parser, and manifests read with Go's JSON rules (case-folded
+//! keys, last duplicate wins) against a model of those rules.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
@@ -436,4 +435,76 @@ fn json_value() -> impl Strategy<Value = Value> {
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
+}
+
+/// A key spelled in mixed case (Go matches it to the field all the same).
+fn spelled(key: &'static str) -> impl Strategy<Value = String> {
+    proptest::collection::vec(any::<bool>(), key.len()).prop_map(move |upper| {
+        key.chars()
+            .zip(upper)
+            .map(|(c, u)| if u { c.to_ascii_uppercase() } else { c })
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn percent_decoding_never_panics_and_inverts_encoding(path in "[ -~]{0,40}") {
+        let _ = regguard::route::decode_path(&path);
+        let encoded: String = path.bytes().map(|b| format!("%{b:02X}")).collect();
+        let decoded = regguard::route::decode_path(&encoded).unwrap().into_owned();
+        prop_assert_eq!(decoded, path);
+    }
+
+    #[test]
+    fn an_encoded_manifest_path_classifies_as_the_plain_one(
+        repo in repository(),
+        t in tag(),
+        which in 0usize..3,
+    ) {
+        let plain = format!("/v2/{repo}/manifests/{t}");
+        let encoded = match which {
+            0 => format!("/v2/{repo}/manifests%2F{t}"),
+            1 => format!("/v2/{repo}/%6Danifests/{t}"),
+            _ => format!("/v2/{}/manifests/{t}", repo.replace('/', "%2f")),
+        };
+        let decoded = regguard::route::decode_path(&encoded).unwrap().into_owned();
+        prop_assert_eq!(classify(&decoded), classify(&plain));
+    }
+
+    #[test]
+    fn link_parsing_never_panics_and_reads_next_pages(
+        junk in any::<String>(),
+        query in "[a-z0-9=&]{0,20}",
+    ) {
+        let _ = regguard::scan::next_link(&junk);
+        let link = format!("</v2/_catalog?{query}>; rel=\"next\"");
+        let expected = format!("/v2/_catalog?{query}");
+        prop_assert_eq!(regguard::scan::next_link(&link), Some(expected));
+    }
+
+    #[test]
+    fn go_rules_take_the_last_of_case_folded_keys(
+        d in digest(),
+        entries in proptest::collection::vec((spelled("size"), 0u64..1_000_000), 1..5),
+    ) {
+        // Model: Go fills `size` from every key that folds to it, in order; the last wins.
+        let expected = entries.last().map(|(_, v)| *v).unwrap();
+        let sizes: Vec<String> = entries.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        let body = format!(
+            r#"{{"mediaType":"{}","manifests":[{{"digest":"{d}",{}}}]}}"#,
+            oci::OCI_INDEX,
+            sizes.join(",")
+        );
+        let (m, ambiguous) = Manifest::parse_go(body.as_bytes(), None).unwrap();
+        prop_assert_eq!(m.references()[0].size, expected);
+        // Named more than once: ambiguous, and the gate's strict reading refuses it.
+        prop_assert_eq!(ambiguous.is_some(), entries.len() > 1);
+        prop_assert_eq!(
+            Manifest::parse_strict(body.as_bytes(), None).is_err(),
+            entries.len() > 1
+        );
+    }
 }

@@ -302,10 +302,9 @@ impl Regguard {
         let log = dir.path().join("regguard.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_regguard"));
         cmd.arg("serve")
-            // Port 0 for both. The admin listener goes on another loopback address because
-            // regguard refuses `admin_listen` equal to `listen`, which `127.0.0.1:0` twice is.
+            // Port 0 for both: the OS picks, regguard reports what it bound.
             .args(["--listen", "127.0.0.1:0"])
-            .args(["--admin-listen", "127.0.0.2:0"])
+            .args(["--admin-listen", "127.0.0.1:0"])
             .args(["--upstream", upstream])
             .args(["--log-format", "json"])
             .args(&opts.args)
