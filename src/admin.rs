@@ -27,6 +27,33 @@ pub struct Admin {
     pub upstream: Upstream,
     pub integrity: Arc<crate::integrity::Integrity>,
     pub supervisor: Arc<crate::supervise::Supervisor>,
+    /// Told of the registry's delete notifications.
+    pub validator: Arc<crate::validate::Validator>,
+}
+
+/// The largest notification envelope read (the registry sends a few events at a time).
+const MAX_NOTIFICATION_BYTES: usize = 1024 * 1024;
+
+/// distribution's notification envelope (`application/vnd.docker.distribution.events.v1+json`);
+/// only what regguard acts on.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    events: Vec<Event>,
+}
+
+#[derive(serde::Deserialize)]
+struct Event {
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    target: Target,
+}
+
+#[derive(Default, serde::Deserialize)]
+struct Target {
+    #[serde(default)]
+    repository: String,
 }
 
 impl Admin {
@@ -35,6 +62,9 @@ impl Admin {
         &self,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        if *req.method() == Method::POST && req.uri().path() == "/notifications" {
+            return Ok(self.notification(req).await);
+        }
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
             return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
         }
@@ -80,6 +110,42 @@ impl Admin {
                 "not found: try /metrics, /healthz, /readyz or /integrity\n",
             ),
         })
+    }
+
+    /// `POST /notifications`: the registry's own event envelope (its `notifications.endpoints`).
+    /// A delete made directly on the registry drops what regguard cached about that
+    /// repository and re-validates the indexes it knows there, as a DELETE through regguard does.
+    async fn notification(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        use http_body_util::BodyExt;
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_NOTIFICATION_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("cannot read body: {e}\n")),
+        };
+        let envelope: Envelope = match serde_json::from_slice(&body) {
+            Ok(e) => e,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("not a notification envelope: {e}\n"),
+                )
+            }
+        };
+        let mut repositories: Vec<&str> = envelope
+            .events
+            .iter()
+            .filter(|e| e.action == "delete" && !e.target.repository.is_empty())
+            .map(|e| e.target.repository.as_str())
+            .collect();
+        repositories.sort_unstable();
+        repositories.dedup();
+        for repo in &repositories {
+            tracing::info!(repository = %repo, "registry notified a delete: re-validating");
+            self.validator.deleted(repo, None);
+        }
+        text(StatusCode::OK, "ok\n")
     }
 
     /// `GET /v2/` upstream: any HTTP status (200, or 401 with auth) means the registry is there.

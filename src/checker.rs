@@ -24,6 +24,7 @@ use crate::body::UpstreamBody;
 use crate::config::Upstream;
 use crate::oci::{self, Descriptor, Manifest, ManifestKind, MAX_MANIFEST_BYTES};
 use crate::upstream::{user_agent, UpstreamClient};
+use crate::watch::UpstreamWatch;
 
 /// What kind of reference a descriptor is: a manifest (`/manifests/`) or a blob (`/blobs/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -319,14 +320,25 @@ struct PresenceExpiry {
     missing: Duration,
 }
 
-impl moka::Expiry<PresenceKey, Presence> for PresenceExpiry {
-    fn expire_after_create(
-        &self,
-        _: &PresenceKey,
-        value: &Presence,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(match value {
+/// A cached answer and when the upstream gave it.
+#[derive(Debug, Clone)]
+struct Cached {
+    presence: Presence,
+    at: Instant,
+}
+
+impl Cached {
+    fn now(presence: Presence) -> Self {
+        Cached {
+            presence,
+            at: Instant::now(),
+        }
+    }
+}
+
+impl moka::Expiry<PresenceKey, Cached> for PresenceExpiry {
+    fn expire_after_create(&self, _: &PresenceKey, value: &Cached, _: Instant) -> Option<Duration> {
+        Some(match &value.presence {
             Presence::Found { .. } => self.ok,
             Presence::NotFound => self.missing,
             // Unauthorized depends on who asked; errors are transient: never reuse either.
@@ -351,9 +363,11 @@ pub struct Checker {
     client: UpstreamClient,
     upstream: Upstream,
     settings: CheckerSettings,
-    presence: Cache<PresenceKey, Presence>,
+    presence: Cache<PresenceKey, Cached>,
     manifests: Cache<Arc<str>, Arc<Manifest>>,
     metrics: CheckerMetrics,
+    /// Told when the upstream cannot be reached, and when it answers (see `watch`).
+    watch: std::sync::OnceLock<Arc<UpstreamWatch>>,
 }
 
 impl Checker {
@@ -400,6 +414,7 @@ impl Checker {
 
         let presence = Cache::builder()
             .max_capacity(settings.presence_entries)
+            .support_invalidation_closures()
             .expire_after(PresenceExpiry {
                 ok: settings.ok_ttl,
                 missing: settings.missing_ttl,
@@ -415,6 +430,7 @@ impl Checker {
             settings,
             presence,
             manifests,
+            watch: std::sync::OnceLock::new(),
             metrics: CheckerMetrics {
                 checks: handles,
                 duration,
@@ -422,6 +438,11 @@ impl Checker {
                 misses,
             },
         })
+    }
+
+    /// Reports reachability to `watch` from now on.
+    pub fn watch(&self, watch: Arc<UpstreamWatch>) {
+        let _ = self.watch.set(watch);
     }
 
     /// Checks one descriptor in `repo`, from the cache when it can.
@@ -448,14 +469,14 @@ impl Checker {
         let entry = self
             .presence
             .entry(key)
-            .or_insert_with(self.ask(repo, &desc.digest, kind, auth))
+            .or_insert_with(async { Cached::now(self.ask(repo, &desc.digest, kind, auth).await) })
             .await;
         if entry.is_fresh() {
             self.metrics.misses.inc();
         } else {
             self.metrics.hits.inc();
         }
-        let outcome = judge(entry.value(), desc, strict_media);
+        let outcome = judge(&entry.value().presence, desc, strict_media);
         self.count(kind, &outcome);
         outcome
     }
@@ -475,7 +496,9 @@ impl Checker {
         self.metrics.misses.inc();
         if matches!(presence, Presence::Found { .. } | Presence::NotFound) {
             let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
-            self.presence.insert(key, presence.clone()).await;
+            self.presence
+                .insert(key, Cached::now(presence.clone()))
+                .await;
         }
         let outcome = judge(&presence, desc, strict_media);
         self.count(kind, &outcome);
@@ -492,12 +515,56 @@ impl Checker {
         strict_media: bool,
     ) -> Outcome {
         let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
-        if let Some(p) = self.presence.get(&key).await {
-            if !matches!(p, Presence::Found { .. }) {
+        if let Some(c) = self.presence.get(&key).await {
+            if !matches!(c.presence, Presence::Found { .. }) {
                 self.presence.invalidate(&key).await;
             }
         }
         self.check_with(repo, desc, kind, auth, strict_media).await
+    }
+
+    /// [`Checker::check_with`], but a cached answer older than `max_age` is asked again:
+    /// for callers that act on the answer (the gate accepts a push on it).
+    pub async fn check_recent(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        kind: RefKind,
+        auth: Option<&HeaderValue>,
+        strict_media: bool,
+        max_age: Duration,
+    ) -> Outcome {
+        let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
+        match self.presence.get(&key).await {
+            Some(c) if c.at.elapsed() > max_age => {
+                self.check_fresh(repo, desc, kind, auth, strict_media).await
+            }
+            _ => self.check_with(repo, desc, kind, auth, strict_media).await,
+        }
+    }
+
+    /// Forgets what is cached about `digest` in `repo` (both kinds): evidence of its loss.
+    pub async fn forget(&self, repo: &str, digest: &str) {
+        for kind in [RefKind::Manifest, RefKind::Blob] {
+            let key: PresenceKey = (Arc::from(repo), Arc::from(digest), kind);
+            self.presence.invalidate(&key).await;
+        }
+    }
+
+    /// Forgets every cached answer about `repo` (a DELETE there passed through, or the
+    /// registry said it deleted something).
+    pub fn forget_repository(&self, repo: &str) {
+        let repo: Arc<str> = Arc::from(repo);
+        // Fails only when invalidation closures are not enabled, which the builder does.
+        let _ = self
+            .presence
+            .invalidate_entries_if(move |k, _| k.0.as_ref() == repo.as_ref());
+    }
+
+    /// Forgets every cached answer (the upstream went away and came back: an offline
+    /// garbage collection may have run).
+    pub fn forget_all(&self) {
+        self.presence.invalidate_all();
     }
 
     /// Asks the upstream directly (no cache, not counted): is `digest` there at all?
@@ -524,11 +591,11 @@ impl Checker {
         self.presence
             .insert(
                 key,
-                Presence::Found {
+                Cached::now(Presence::Found {
                     size: Some(size),
                     digest: Some(digest.to_string()),
                     media_type,
-                },
+                }),
             )
             .await;
     }
@@ -598,8 +665,18 @@ impl Checker {
                     self.settings.check_timeout
                 ))
             }
-            Ok(Err(e)) => return Presence::Error(format!("upstream unreachable: {e}")),
-            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                if let Some(w) = self.watch.get() {
+                    w.unreachable();
+                }
+                return Presence::Error(format!("upstream unreachable: {e}"));
+            }
+            Ok(Ok(r)) => {
+                if let Some(w) = self.watch.get() {
+                    w.answered();
+                }
+                r
+            }
         };
         let status = resp.status();
         let header_str = |name: &str| {

@@ -9,7 +9,7 @@
 //! accept it); layers with `urls` are skipped; unknown media types pass.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -407,7 +407,7 @@ impl Gate {
         let strict = item.kind == RefKind::Manifest;
         let outcome = self
             .checker
-            .check_with(repo, &item.desc, item.kind, auth, strict)
+            .check_recent(repo, &item.desc, item.kind, auth, strict, GATE_MAX_AGE)
             .await;
         if outcome == Outcome::Missing {
             return self
@@ -418,6 +418,12 @@ impl Gate {
         outcome
     }
 }
+
+/// The oldest cached "present" the gate accepts a push on; older answers are asked
+/// again. A push's children were checked or pushed moments before its index, so
+/// this costs a healthy push nothing, and a reference deleted directly on the
+/// registry (where regguard cannot see it) is caught within this long.
+const GATE_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// References of one push checked at once: enough to hide the registry's latency
 /// for a many-platform index, few enough that one push cannot crowd out others.

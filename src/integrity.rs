@@ -16,8 +16,8 @@ use serde::Serialize;
 
 use crate::checker::RefKind;
 
-/// One broken reference.
-#[derive(Debug, Clone, Serialize)]
+/// One broken reference. No `Debug`: it holds credentials.
+#[derive(Clone, Serialize)]
 pub struct BrokenRef {
     pub repository: String,
     /// The tag or digest the client asked for when this was found.
@@ -168,6 +168,18 @@ impl Integrity {
         true
     }
 
+    /// Forgets the credentials captured with a broken reference (the registry refused them).
+    pub fn drop_auth(&self, b: &BrokenRef) {
+        let key = (
+            b.repository.clone(),
+            b.index_digest.clone(),
+            b.child_digest.clone(),
+        );
+        if let Some(e) = self.lock().entries.get_mut(&key) {
+            e.auth = None;
+        }
+    }
+
     /// Records that a reference is present again; removes it if it was broken.
     pub fn report_ok(&self, repository: &str, index_digest: &str, child_digest: &str) {
         let key = (
@@ -232,6 +244,18 @@ impl Integrity {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for BrokenRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokenRef")
+            .field("repository", &self.repository)
+            .field("index_digest", &self.index_digest)
+            .field("child_digest", &self.child_digest)
+            .field("kind", &self.kind)
+            .field("upstream_said", &self.upstream_said)
+            .finish_non_exhaustive()
     }
 }
 

@@ -29,6 +29,7 @@ pub mod supervise;
 pub mod tls;
 pub mod upstream;
 pub mod validate;
+pub mod watch;
 
 /// The version string reported by `--version`, `/metrics` and the upstream User-Agent.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

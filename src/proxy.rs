@@ -34,6 +34,7 @@ use crate::oci::{self, ManifestKind};
 use crate::route::{self, RouteKind};
 use crate::upstream::{BulkPermit, Pools};
 use crate::validate::{Job, Validator};
+use crate::watch::UpstreamWatch;
 
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +55,8 @@ pub struct Proxy {
     connect_timeout: Duration,
     validation: Option<Validation>,
     gate: Option<Arc<Gate>>,
+    /// Told when the upstream cannot be reached, and when it answers.
+    watch: Option<Arc<UpstreamWatch>>,
 }
 
 /// Timeouts and logging of the forwarding path.
@@ -78,6 +81,10 @@ struct ReadCtx {
     kind: RefKind,
     reference: String,
     auth: Option<HeaderValue>,
+    /// The client's `Accept`: a 404 for an OCI manifest is conclusive only if it names the type.
+    accept: Option<HeaderValue>,
+    /// The client's `If-None-Match`: a 304 carries no digest, but matched one of these.
+    if_none_match: Option<HeaderValue>,
     head: bool,
 }
 
@@ -104,7 +111,14 @@ impl Proxy {
             connect_timeout,
             validation,
             gate,
+            watch: None,
         }
+    }
+
+    /// Reports the upstream's reachability to `watch`.
+    pub fn with_watch(mut self, watch: Arc<UpstreamWatch>) -> Self {
+        self.watch = Some(watch);
+        self
     }
 
     /// Handles one client request; never fails (failures become OCI error responses).
@@ -132,6 +146,11 @@ impl Proxy {
         };
 
         let read = self.read_ctx(&req, &route);
+        // A DELETE by digest that the registry carries out is evidence for validation.
+        let deleting = (*req.method() == Method::DELETE
+            && matches!(route_kind, RouteKind::Manifest | RouteKind::Blob)
+            && self.validation.is_some())
+        .then(|| req.headers().get(header::AUTHORIZATION).cloned());
         let gated = match (&self.gate, route_kind, req.method()) {
             (Some(g), RouteKind::Manifest, &Method::PUT) if g.settings.mode != GateMode::Off => {
                 Some((g.clone(), route.reference.unwrap_or("").to_owned()))
@@ -162,9 +181,14 @@ impl Proxy {
             };
             match forwarded {
                 Ok(mut resp) => {
+                    let repository = exchange.repository.as_deref().unwrap_or("");
                     if let Some(read) = read {
-                        let repository = exchange.repository.as_deref().unwrap_or("");
                         self.tap_response(read, repository, &mut resp);
+                    }
+                    if let (Some(auth), Some(v)) = (&deleting, &self.validation) {
+                        if resp.status() == StatusCode::ACCEPTED {
+                            v.validator.deleted(repository, auth.as_ref());
+                        }
                     }
                     resp
                 }
@@ -259,8 +283,21 @@ impl Proxy {
                     after: self.idle_timeout,
                 })
             }
-            Ok(Err(e)) => return Err(self.classify_client_error(&e, &tally)),
-            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                let error = self.classify_client_error(&e, &tally);
+                if let (Some(w), ForwardError::Unreachable(_) | ForwardError::Timeout { .. }) =
+                    (&self.watch, &error)
+                {
+                    w.unreachable();
+                }
+                return Err(error);
+            }
+            Ok(Ok(r)) => {
+                if let Some(w) = &self.watch {
+                    w.answered();
+                }
+                r
+            }
         };
 
         let (mut head, body) = response.into_parts();
@@ -446,6 +483,8 @@ impl Proxy {
             kind,
             reference: route.reference?.to_owned(),
             auth: req.headers().get(header::AUTHORIZATION).cloned(),
+            accept: req.headers().get(header::ACCEPT).cloned(),
+            if_none_match: req.headers().get(header::IF_NONE_MATCH).cloned(),
             head,
         })
     }
@@ -456,11 +495,62 @@ impl Proxy {
         let Some(v) = &self.validation else { return };
         let status = resp.status();
         if status == StatusCode::NOT_FOUND && oci::is_sha256_digest(&read.reference) {
-            v.validator
-                .client_not_found(read.kind, repository, &read.reference);
+            let accept = read.accept.as_ref().and_then(|a| a.to_str().ok());
+            v.validator.client_not_found(
+                read.kind,
+                repository,
+                &read.reference,
+                read.auth.as_ref(),
+                |media_type| {
+                    !media_type.is_empty()
+                        && accept.is_some_and(|a| {
+                            a.split(',').any(|t| oci::same_media_type(t, media_type))
+                        })
+                },
+            );
             return;
         }
-        if status != StatusCode::OK || read.kind != RefKind::Manifest {
+        if read.kind != RefKind::Manifest {
+            return;
+        }
+        if status == StatusCode::NOT_MODIFIED {
+            // A conditional GET the client already had the body for: still validated. The
+            // registry's 304 names no digest; it matched the one the client sent (its ETag
+            // is `"<digest>"`), and the worker fetches the manifest by it.
+            let digest = ["docker-content-digest", "etag"]
+                .iter()
+                .filter_map(|h| resp.headers().get(*h))
+                .chain(read.if_none_match.as_ref())
+                .find_map(|v| {
+                    let v = v
+                        .to_str()
+                        .ok()?
+                        .trim()
+                        .trim_start_matches("W/")
+                        .trim_matches('"');
+                    oci::is_sha256_digest(v).then(|| v.to_owned())
+                });
+            if let Some(d) = digest {
+                if !v
+                    .validator
+                    .recently_ok(repository, &d, ManifestKind::Index, v.blobs)
+                {
+                    v.validator.submit(Job {
+                        digest: Some(d),
+                        repository: repository.to_owned(),
+                        reference: read.reference,
+                        body: None,
+                        held: None,
+                        kind: ManifestKind::Index,
+                        auth: read.auth,
+                        seen_at: Instant::now().into_std(),
+                        blobs: v.blobs,
+                    });
+                }
+            }
+            return;
+        }
+        if status != StatusCode::OK {
             return;
         }
         let kind = resp
@@ -481,7 +571,7 @@ impl Proxy {
             .map(str::to_owned);
         let kind = kind.unwrap_or(ManifestKind::Index);
         if let Some(d) = &digest {
-            if v.validator.recently_ok(repository, d, kind) {
+            if v.validator.recently_ok(repository, d, kind, v.blobs) {
                 return;
             }
         }

@@ -547,6 +547,7 @@ pub async fn scan_once(
         integrity.clone(),
         &metrics,
         &supervisor,
+        auth.clone(),
     )
     .map_err(|e| e.to_string())?;
     // A progress bar only on a terminal; nothing on pipes, files or CI logs.

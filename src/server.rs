@@ -109,7 +109,25 @@ pub async fn serve(
         integrity.clone(),
         metrics.registry(),
         &supervisor,
+        settings.scan.auth.clone(),
     )?;
+    // The registry going away and coming back (an offline garbage collection) voids
+    // every cached positive answer.
+    let upstream_watch = crate::watch::UpstreamWatch::new(metrics.registry())?;
+    checker.watch(upstream_watch.clone());
+    {
+        let v = validator.clone();
+        upstream_watch.on_return(move || v.upstream_returned());
+        let (w, client, up) = (
+            upstream_watch.clone(),
+            pools.lean().clone(),
+            settings.upstream.clone(),
+        );
+        supervisor.spawn("upstream_probe", move || {
+            w.clone().probe(client.clone(), up.clone())
+        });
+    }
+    let admin_validator = validator.clone();
     if settings.scan.enabled {
         let scanner = Arc::new(crate::scan::Scanner::new(
             pools.lean().clone(),
@@ -132,24 +150,28 @@ pub async fn serve(
         metrics.registry(),
     )?);
 
-    let proxy = Arc::new(Proxy::new(
-        settings.upstream.clone(),
-        pools.clone(),
-        metrics.clone(),
-        crate::proxy::Timing {
-            idle_timeout: settings.idle_timeout,
-            connect_timeout: settings.connect_timeout,
-            access_log: settings.access_log,
-        },
-        validation,
-        Some(gate),
-    ));
+    let proxy = Arc::new(
+        Proxy::new(
+            settings.upstream.clone(),
+            pools.clone(),
+            metrics.clone(),
+            crate::proxy::Timing {
+                idle_timeout: settings.idle_timeout,
+                connect_timeout: settings.connect_timeout,
+                access_log: settings.access_log,
+            },
+            validation,
+            Some(gate),
+        )
+        .with_watch(upstream_watch),
+    );
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         client: pools.lean().clone(),
         upstream: settings.upstream.clone(),
         integrity,
         supervisor,
+        validator: admin_validator,
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -95,6 +95,15 @@ impl ClosedPort {
     }
 }
 
+/// A Basic `Authorization` value.
+pub fn basic_auth(user: &str, pass: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
 /// Options of a test registry.
 #[derive(Default, Clone)]
 pub struct RegistryOptions {
@@ -108,6 +117,9 @@ pub struct Registry {
     pub addr: SocketAddr,
     pub storage: PathBuf,
     pub proc: Proc,
+    /// The config without its `http` section (kept to restart on the same address).
+    config_base: String,
+    config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -134,12 +146,16 @@ impl Registry {
             None => String::new(),
         };
         // No `cache:` under storage: the blob descriptor cache would hide removed layer links.
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:0\n{auth}",
+        let config_base = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\n{auth}",
             storage.display()
         );
         let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).unwrap();
+        std::fs::write(
+            &config_path,
+            format!("{config_base}http:\n  addr: 127.0.0.1:0\n"),
+        )
+        .unwrap();
         let log = dir.path().join("registry.log");
         let mut proc = spawn(
             Command::new(bin).arg("serve").arg(&config_path),
@@ -153,8 +169,67 @@ impl Registry {
             addr,
             storage,
             proc,
+            config_base,
+            config_path,
             _dir: dir,
         }
+    }
+
+    /// Replaces the htpasswd entry (takes effect when the registry starts again).
+    pub fn set_password(&self, user: &str, pass: &str) {
+        let hash = bcrypt::hash(pass, 4).unwrap();
+        std::fs::write(
+            self._dir.path().join("htpasswd"),
+            format!("{user}:{hash}\n"),
+        )
+        .unwrap();
+    }
+
+    /// Stops the registry (SIGTERM, then waits), as an operator does before an offline GC.
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    /// The registry's own offline `garbage-collect --delete-untagged` on its storage.
+    pub fn garbage_collect(&self) -> String {
+        let bin = require_tool("docker-registry", "docker-registry");
+        let out = Command::new(bin)
+            .args(["garbage-collect", "--delete-untagged"])
+            .arg(&self.config_path)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "garbage-collect failed: {text}");
+        text
+    }
+
+    /// Starts the registry again on the same address and storage, optionally sending its
+    /// notifications (`notifications.endpoints`) to `notify_url`.
+    pub fn start_again(&mut self, notify_url: Option<&str>) {
+        let notifications = notify_url
+            .map(|url| {
+                format!(
+                    "notifications:\n  endpoints:\n    - name: regguard\n      url: {url}\n      timeout: 2s\n      threshold: 3\n      backoff: 1s\n"
+                )
+            })
+            .unwrap_or_default();
+        std::fs::write(
+            &self.config_path,
+            format!(
+                "{}{notifications}http:\n  addr: {}\n",
+                self.config_base, self.addr
+            ),
+        )
+        .unwrap();
+        let bin = require_tool("docker-registry", "docker-registry");
+        let log = self.proc.log.with_extension("again.log");
+        self.proc = spawn(Command::new(bin).arg("serve").arg(&self.config_path), log);
+        let addr = self.addr;
+        wait_listening(&mut self.proc, "docker-registry", |a| *a == addr);
     }
 
     pub fn url(&self) -> String {

@@ -25,10 +25,12 @@ use crate::config::ValidateSettings;
 use crate::integrity::{now_epoch, BrokenRef, Integrity};
 use crate::oci::{Descriptor, Manifest, ManifestKind};
 use crate::supervise::Supervisor;
+
+mod evidence;
+pub use evidence::Witness;
 use futures_util::FutureExt as _;
 
-/// One manifest a client was served, to validate.
-#[derive(Debug)]
+/// One manifest a client was served, to validate. No `Debug`: it holds credentials.
 pub struct Job {
     pub repository: String,
     /// The tag or digest the client asked for.
@@ -60,20 +62,26 @@ struct ValidateMetrics {
 
 /// The validator: the queue the forwarding path submits to, and its workers.
 pub struct Validator {
-    tx: mpsc::Sender<Job>,
     shared: Arc<Shared>,
     inspector: Arc<Inspector>,
 }
 
-/// What the validator and its inspector share: metrics and what has been seen.
+/// What the validator and its inspector share: the queue, metrics and what has been seen.
 struct Shared {
+    tx: mpsc::Sender<Job>,
     metrics: ValidateMetrics,
-    /// (repository, digest) of every child and blob of a manifest seen: a 404 for one of
-    /// these reaching a client is a real client hitting a hole.
-    referenced: Cache<(Arc<str>, Arc<str>), ()>,
-    /// (repository, manifest digest) validated ok within `ok_ttl`: served again, it is
-    /// counted from this verdict without a job (its references' presence is cached as long).
-    recent_ok: Cache<(Arc<str>, Arc<str>), ()>,
+    /// (repository, digest) of every child and blob of a manifest seen, with the indexes
+    /// that reference it: a 404 for one of these is a real hole, and those indexes are broken.
+    referenced: evidence::Referenced,
+    /// (repository, manifest digest, with blobs) validated ok within `ok_ttl`: served again,
+    /// it is counted from this verdict without a job (its references' presence is cached as
+    /// long). A validation without blob checks does not stand in for one with them.
+    recent_ok: Cache<(Arc<str>, Arc<str>, bool), ()>,
+    /// (repository, index digest) → the reference it was served under: the indexes to
+    /// validate again when something in their repository is deleted.
+    indexes: Cache<(Arc<str>, Arc<str>), Arc<str>>,
+    /// Losses handled within the last [`evidence::LOSS_DEDUP`].
+    recent_loss: Cache<(Arc<str>, Arc<str>), ()>,
 }
 
 /// Validates one manifest against what it references, and records the findings. Used by the
@@ -83,6 +91,8 @@ pub struct Inspector {
     integrity: Arc<Integrity>,
     settings: ValidateSettings,
     shared: Arc<Shared>,
+    /// The service credentials (the scan's): for re-checks and re-validations nobody asked for.
+    service_auth: Option<HeaderValue>,
 }
 
 /// The summary of one validation.
@@ -114,6 +124,7 @@ impl Validator {
         integrity: Arc<Integrity>,
         registry: &Registry,
         supervisor: &Arc<Supervisor>,
+        service_auth: Option<HeaderValue>,
     ) -> Result<Arc<Self>, prometheus::Error> {
         let index_checks = CounterSet::new(
             registry,
@@ -156,6 +167,7 @@ impl Validator {
 
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let shared = Arc::new(Shared {
+            tx,
             metrics: ValidateMetrics {
                 index_checks,
                 queue_depth,
@@ -176,6 +188,18 @@ impl Validator {
             recent_ok: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(settings.ok_ttl)
+                .support_invalidation_closures()
+                .build(),
+            // Indexes served in the last day, per repository: 100,000 covers a large
+            // registry's active tags; past it, the least recently served are forgotten
+            // (a delete then re-validates them only when they are served again).
+            indexes: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(24 * 3600))
+                .build(),
+            recent_loss: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(evidence::LOSS_DEDUP)
                 .build(),
         });
         let inspector = Arc::new(Inspector {
@@ -183,6 +207,7 @@ impl Validator {
             integrity,
             settings,
             shared: shared.clone(),
+            service_auth: service_auth.map(evidence::sensitive),
         });
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let (w, sup) = (inspector.clone(), supervisor.clone());
@@ -191,11 +216,7 @@ impl Validator {
         });
         let w = inspector.clone();
         supervisor.spawn("recheck", move || recheck_loop(w.clone()));
-        Ok(Arc::new(Validator {
-            tx,
-            shared,
-            inspector,
-        }))
+        Ok(Arc::new(Validator { shared, inspector }))
     }
 
     /// The inspector, for callers that validate synchronously (the scan).
@@ -205,31 +226,66 @@ impl Validator {
 
     /// Queues a job; never waits. A full queue drops the job and counts it.
     pub fn submit(&self, job: Job) {
-        match self.tx.try_send(job) {
-            Ok(()) => self.shared.metrics.queue_depth.inc(),
-            Err(_) => self.shared.metrics.dropped.inc(),
-        }
+        self.shared.submit(job);
     }
 
-    /// True (and counted as an ok validation) when this manifest was validated ok within `ok_ttl`:
-    /// the caller need not tap or queue anything.
-    pub fn recently_ok(&self, repository: &str, digest: &str, kind: ManifestKind) -> bool {
-        let hit = self
-            .shared
-            .recent_ok
-            .contains_key(&(Arc::from(repository), Arc::from(digest)));
+    /// True (and counted as an ok validation) when this manifest was validated ok within
+    /// `ok_ttl`, with blob checks if `blobs`: the caller need not tap or queue anything.
+    pub fn recently_ok(
+        &self,
+        repository: &str,
+        digest: &str,
+        kind: ManifestKind,
+        blobs: bool,
+    ) -> bool {
+        let (repo, digest): (Arc<str>, Arc<str>) = (Arc::from(repository), Arc::from(digest));
+        let recent = &self.shared.recent_ok;
+        let hit = recent.contains_key(&(repo.clone(), digest.clone(), true))
+            || (!blobs && recent.contains_key(&(repo, digest, false)));
         if hit && kind == ManifestKind::Index {
             self.shared.metrics.index_checks.inc("ok");
         }
         hit
     }
 
-    /// Counts a 404 passed to a client for a manifest or blob by digest.
-    pub fn client_not_found(&self, kind: RefKind, repository: &str, digest: &str) {
-        let referenced = self
-            .shared
-            .referenced
-            .contains_key(&(Arc::from(repository), Arc::from(digest)));
+    /// A DELETE by digest in `repository` was carried out (it passed through regguard, or
+    /// the registry notified it): cached answers about the repository are dropped and the
+    /// indexes regguard knows there are validated again, with `auth` (else the service
+    /// credentials).
+    pub fn deleted(&self, repository: &str, auth: Option<&HeaderValue>) {
+        self.inspector.deleted(repository, auth);
+    }
+
+    /// The upstream went away and came back: every cached positive is dropped, so the
+    /// first serve of each index afterwards is validated afresh.
+    pub fn upstream_returned(&self) {
+        self.inspector.upstream_returned();
+    }
+
+    /// A 404 passed to a client for a manifest or blob by digest: counted, and when a
+    /// known index references the digest, evidence of loss (see `evidence`).
+    /// `accepts_media_type` tells whether the client's `Accept` named the type the index
+    /// declares for it (without it, registry 2.8 answers 404 for OCI content that exists).
+    pub fn client_not_found(
+        &self,
+        kind: RefKind,
+        repository: &str,
+        digest: &str,
+        auth: Option<&HeaderValue>,
+        accepts: impl Fn(&str) -> bool,
+    ) {
+        let parents = self.shared.parents(repository, digest);
+        let referenced = parents.is_some();
+        if let Some(parents) = parents {
+            let accepts_media_type = parents.iter().any(|p| accepts(&p.media_type));
+            self.inspector.loss(
+                repository,
+                digest,
+                Witness::Client { accepts_media_type },
+                None,
+                auth,
+            );
+        }
         let k = usize::from(kind == RefKind::Blob);
         if let Some(c) = self
             .shared
@@ -244,11 +300,10 @@ impl Validator {
 }
 
 impl Shared {
-    fn remember_references(&self, repository: &str, m: &Manifest) {
-        let repo: Arc<str> = Arc::from(repository);
-        for d in m.references() {
-            self.referenced
-                .insert((repo.clone(), Arc::from(d.digest.as_str())), ());
+    fn submit(&self, job: Job) {
+        match self.tx.try_send(job) {
+            Ok(()) => self.metrics.queue_depth.inc(),
+            Err(_) => self.metrics.dropped.inc(),
         }
     }
 }
@@ -330,7 +385,6 @@ impl Inspector {
                 };
             }
         };
-        self.shared.remember_references(&job.repository, &manifest);
         let node = Node {
             repository: &job.repository,
             reference: &job.reference,
@@ -373,12 +427,22 @@ impl Inspector {
                 (
                     Arc::from(job.repository.as_str()),
                     Arc::from(digest.as_str()),
+                    job.blobs,
                 ),
                 (),
             );
             "ok"
         };
         let is_index = matches!(manifest.as_ref(), Manifest::Index { .. });
+        if is_index {
+            self.shared.indexes.insert(
+                (
+                    Arc::from(job.repository.as_str()),
+                    Arc::from(digest.as_str()),
+                ),
+                Arc::from(job.reference.as_str()),
+            );
+        }
         self.count_index(
             if is_index {
                 ManifestKind::Index
@@ -479,20 +543,17 @@ impl Inspector {
                 .manifest(node.repository, &child.digest, node.auth)
                 .await
             {
-                Ok(m) => {
-                    self.shared.remember_references(node.repository, &m);
-                    match m.as_ref() {
-                        Manifest::Index { manifests } => {
-                            Box::pin(self.walk_index(node, manifests, depth + 1, tally, walk)).await
-                        }
-                        Manifest::Image { .. } => {
-                            if node.blobs {
-                                self.check_image_blobs(node, &m, &platform, tally, walk)
-                                    .await;
-                            }
+                Ok(m) => match m.as_ref() {
+                    Manifest::Index { manifests } => {
+                        Box::pin(self.walk_index(node, manifests, depth + 1, tally, walk)).await
+                    }
+                    Manifest::Image { .. } => {
+                        if node.blobs {
+                            self.check_image_blobs(node, &m, &platform, tally, walk)
+                                .await;
                         }
                     }
-                }
+                },
                 Err(FetchError::Unauthorized(_)) => tally.unauthorized += 1,
                 Err(e) => {
                     tally.errors += 1;
@@ -539,6 +600,28 @@ impl Inspector {
         outcome: &Outcome,
         tally: &mut Tally,
     ) {
+        self.shared.remember_parent(
+            node.repository,
+            &d.digest,
+            evidence::Parent {
+                index: Arc::from(node.root_digest),
+                reference: Arc::from(node.reference),
+                platform: Arc::from(platform),
+                kind,
+                size: d.size,
+                media_type: Arc::from(d.media_type.as_str()),
+            },
+        );
+        if *outcome == Outcome::Missing {
+            // A 404 of regguard's own: every other index referencing it is broken too.
+            self.loss(
+                node.repository,
+                &d.digest,
+                Witness::Check,
+                Some(node.root_digest),
+                node.auth,
+            );
+        }
         match outcome {
             Outcome::Ok => self
                 .integrity
@@ -556,7 +639,7 @@ impl Inspector {
                     kind,
                     upstream_said: outcome.describe(kind),
                     since: now_epoch(),
-                    auth: node.auth.cloned(),
+                    auth: node.auth.cloned().map(evidence::sensitive),
                     size: d.size,
                 });
                 if fresh {
@@ -569,36 +652,61 @@ impl Inspector {
         }
     }
 
-    /// Re-checks one broken reference, bypassing cached negatives.
+    /// Re-checks one broken reference, bypassing cached negatives. The service
+    /// credentials come first (they do not expire); the credentials of the client that
+    /// found it are used only while the registry accepts them, then forgotten.
     async fn recheck(&self, b: &BrokenRef) {
         let desc = Descriptor {
-            media_type: String::new(),
             digest: b.child_digest.clone(),
             size: b.size,
-            platform: None,
-            urls: vec![],
+            ..Descriptor::default()
         };
-        // Is the index itself still there? If not, its entries go.
-        let index = self
-            .checker
-            .present(
-                &b.repository,
-                &b.index_digest,
-                RefKind::Manifest,
-                b.auth.as_ref(),
-            )
-            .await;
-        if index == crate::checker::Presence::NotFound {
-            self.integrity.remove_index(&b.repository, &b.index_digest);
-            return;
+        let mut candidates: Vec<(Option<&HeaderValue>, bool)> = Vec::new();
+        if let Some(a) = &self.service_auth {
+            candidates.push((Some(a), false));
         }
-        let outcome = self
-            .checker
-            .recheck(&b.repository, &desc, b.kind, b.auth.as_ref(), false)
-            .await;
-        if outcome == Outcome::Ok {
-            self.integrity
-                .report_ok(&b.repository, &b.index_digest, &b.child_digest);
+        if let Some(a) = &b.auth {
+            candidates.push((Some(a), true));
+        }
+        if candidates.is_empty() {
+            candidates.push((None, false));
+        }
+        for (auth, captured) in candidates {
+            // Is the index itself still there? If not, its entries go.
+            let index = self
+                .checker
+                .present(&b.repository, &b.index_digest, RefKind::Manifest, auth)
+                .await;
+            match index {
+                crate::checker::Presence::NotFound => {
+                    self.integrity.remove_index(&b.repository, &b.index_digest);
+                    return;
+                }
+                crate::checker::Presence::Unauthorized(_) => {
+                    if captured {
+                        self.integrity.drop_auth(b);
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let outcome = self
+                .checker
+                .recheck(&b.repository, &desc, b.kind, auth, false)
+                .await;
+            match outcome {
+                Outcome::Ok => {
+                    self.integrity
+                        .report_ok(&b.repository, &b.index_digest, &b.child_digest);
+                    return;
+                }
+                Outcome::Unauthorized(_) => {
+                    if captured {
+                        self.integrity.drop_auth(b);
+                    }
+                }
+                _ => return,
+            }
         }
     }
 }

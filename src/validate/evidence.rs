@@ -1,0 +1,229 @@
+//! Evidence of loss wins over a cached positive, at once.
+//!
+//! Serve-time validation trusts what it checked for `ok_ttl`. These are the
+//! events that end that trust early:
+//!
+//! - a 404 for a digest that a known index references, whether a client got it
+//!   (the tap) or a check of regguard's own did: the broken reference is
+//!   recorded against every referencing index now, cached positives about the
+//!   digest are dropped, and those indexes are validated again;
+//! - a DELETE by digest that passed through regguard, or a registry
+//!   notification of one: everything cached about the repository is dropped and
+//!   the indexes regguard knows there are validated again;
+//! - the upstream going away and coming back (an offline garbage collection is
+//!   a stopped registry): every cached positive is dropped.
+//!
+//! It knows the validator's shared state and the checker; nothing of HTTP.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use moka::sync::Cache;
+
+use super::{Inspector, Job, Shared};
+use crate::checker::RefKind;
+use crate::integrity::{now_epoch, BrokenRef};
+use crate::oci::ManifestKind;
+
+/// Indexes remembered as referencing one digest. Real images share layers across
+/// a handful of tags; past this the oldest parent is forgotten (it is still found
+/// broken by its own next validation).
+const MAX_PARENTS: usize = 8;
+
+/// One index that references a digest, and how.
+#[derive(Clone)]
+pub(super) struct Parent {
+    /// The digest of the index (or image manifest) whose walk met the reference: the
+    /// integrity state's key.
+    pub index: Arc<str>,
+    /// The tag or digest that index was served under.
+    pub reference: Arc<str>,
+    pub platform: Arc<str>,
+    pub kind: RefKind,
+    pub size: u64,
+    /// The media type the descriptor declares (decides whether a client's 404 is conclusive).
+    pub media_type: Arc<str>,
+}
+
+pub(super) type Parents = Arc<Vec<Parent>>;
+
+/// (repository, digest) → the indexes that reference it.
+pub(super) type Referenced = Cache<(Arc<str>, Arc<str>), Parents>;
+
+/// How a 404 reached regguard.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Witness {
+    /// A check regguard made itself (all four manifest types accepted): conclusive.
+    Check,
+    /// A 404 passed to a client. For a manifest it is conclusive only when the client
+    /// accepted the child's media type: registry 2.8 answers 404 for an existing OCI
+    /// manifest to a client that does not accept OCI types.
+    Client { accepts_media_type: bool },
+}
+
+impl Shared {
+    /// Remembers that `root` (served as `reference`) references `digest` in `repo`.
+    pub(super) fn remember_parent(&self, repo: &str, digest: &str, parent: Parent) {
+        self.referenced
+            .entry((Arc::from(repo), Arc::from(digest)))
+            .and_upsert_with(|old| {
+                let mut parents: Vec<Parent> =
+                    old.map(|e| e.into_value().to_vec()).unwrap_or_default();
+                if let Some(p) = parents.iter_mut().find(|p| p.index == parent.index) {
+                    *p = parent;
+                } else {
+                    if parents.len() >= MAX_PARENTS {
+                        parents.remove(0);
+                    }
+                    parents.push(parent);
+                }
+                Arc::new(parents)
+            });
+    }
+
+    pub(super) fn parents(&self, repo: &str, digest: &str) -> Option<Parents> {
+        self.referenced.get(&(Arc::from(repo), Arc::from(digest)))
+    }
+}
+
+/// How long one digest's loss is handled once: a client that keeps asking for a lost
+/// digest causes one eviction and one re-validation per period, not one per request.
+pub(super) const LOSS_DEDUP: Duration = Duration::from_secs(2);
+
+impl Inspector {
+    /// A 404 for `digest` in `repo`: records the broken reference against every index
+    /// that references it (except `exclude`, whose own walk records it), drops cached
+    /// positives about it, and validates those indexes again. Returns at once: the
+    /// record is synchronous, the eviction and re-validation run in the background.
+    pub(crate) fn loss(
+        &self,
+        repo: &str,
+        digest: &str,
+        witness: Witness,
+        exclude: Option<&str>,
+        auth: Option<&HeaderValue>,
+    ) {
+        let Some(parents) = self.shared.parents(repo, digest) else {
+            return;
+        };
+        let key = (Arc::from(repo), Arc::from(digest));
+        if self.shared.recent_loss.contains_key(&key) {
+            return;
+        }
+        self.shared.recent_loss.insert(key, ());
+        let conclusive = |p: &Parent| match witness {
+            Witness::Check => true,
+            Witness::Client { accepts_media_type } => p.kind == RefKind::Blob || accepts_media_type,
+        };
+        let mut stale = Vec::new();
+        for p in parents.iter() {
+            if exclude == Some(p.index.as_ref()) {
+                continue;
+            }
+            if conclusive(p) {
+                self.integrity.report_broken(BrokenRef {
+                    repository: repo.to_owned(),
+                    reference: p.reference.to_string(),
+                    index_digest: p.index.to_string(),
+                    child_digest: digest.to_owned(),
+                    platform: p.platform.to_string(),
+                    kind: p.kind,
+                    upstream_said: format!(
+                        "{} (answered to a client)",
+                        crate::checker::Outcome::Missing.describe(p.kind)
+                    ),
+                    since: now_epoch(),
+                    auth: auth.cloned().map(sensitive),
+                    size: p.size,
+                });
+            }
+            stale.push(p.clone());
+        }
+        if stale.is_empty() {
+            return;
+        }
+        let (checker, shared) = (self.checker.clone(), self.shared.clone());
+        let (service_auth, blobs) = (self.service_auth.clone(), self.settings.blobs);
+        let (repo, digest) = (repo.to_owned(), digest.to_owned());
+        let auth = auth.cloned().map(sensitive).or(service_auth);
+        tokio::spawn(async move {
+            checker.forget(&repo, &digest).await;
+            for p in stale {
+                shared.forget_ok(&repo, &p.index);
+                shared.revalidate(&repo, &p.index, &p.reference, auth.clone(), blobs);
+            }
+        });
+    }
+
+    /// A DELETE by digest in `repo` passed through, or the registry notified one: drops
+    /// everything cached about the repository and validates the indexes known there.
+    pub(crate) fn deleted(&self, repo: &str, auth: Option<&HeaderValue>) {
+        self.checker.forget_repository(repo);
+        let r: Arc<str> = Arc::from(repo);
+        let _ = self
+            .shared
+            .recent_ok
+            .invalidate_entries_if(move |k, _| k.0 == r);
+        let known: Vec<(Arc<str>, Arc<str>)> = self
+            .shared
+            .indexes
+            .iter()
+            .filter(|(k, _)| k.0.as_ref() == repo)
+            .map(|(k, reference)| (k.1.clone(), reference))
+            .collect();
+        let auth = auth
+            .cloned()
+            .map(sensitive)
+            .or_else(|| self.service_auth.clone());
+        for (index, reference) in known {
+            self.shared
+                .revalidate(repo, &index, &reference, auth.clone(), self.settings.blobs);
+        }
+    }
+
+    /// The upstream went away and came back: nothing it said before can be trusted.
+    pub(crate) fn upstream_returned(&self) {
+        self.checker.forget_all();
+        self.shared.recent_ok.invalidate_all();
+        tracing::warn!(
+            "the registry went away and came back: cached answers dropped; every index is validated afresh"
+        );
+    }
+}
+
+impl Shared {
+    fn forget_ok(&self, repo: &str, index: &str) {
+        for blobs in [false, true] {
+            self.recent_ok
+                .invalidate(&(Arc::from(repo), Arc::from(index), blobs));
+        }
+    }
+
+    fn revalidate(
+        &self,
+        repo: &str,
+        index: &str,
+        reference: &str,
+        auth: Option<HeaderValue>,
+        blobs: bool,
+    ) {
+        self.submit(Job {
+            repository: repo.to_owned(),
+            reference: reference.to_owned(),
+            digest: Some(index.to_owned()),
+            body: None,
+            held: None,
+            kind: ManifestKind::Index,
+            auth,
+            seen_at: Instant::now(),
+            blobs,
+        });
+    }
+}
+
+/// Credentials held in memory are marked sensitive, so no `Debug` or log shows them.
+pub(crate) fn sensitive(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
+}
