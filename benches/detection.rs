@@ -34,7 +34,10 @@ fn until_listed(rg: &Regguard, child: &str, t0: Instant) -> f64 {
         if http::get(&url).text().contains(child) {
             return t0.elapsed().as_secs_f64() * 1000.0;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "{child} not detected");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{child} not detected"
+        );
     }
 }
 
@@ -42,7 +45,10 @@ fn until_listed(rg: &Regguard, child: &str, t0: Instant) -> f64 {
 fn warm(rg: &Regguard, repo: &str) {
     let ok = |rg: &Regguard| rg.metric(r#"regguard_index_checks_total{result="ok"}"#);
     let before = ok(rg);
-    assert_eq!(get(&format!("{}/v2/{repo}/manifests/v1", rg.url()), ACCEPT_ALL), 200);
+    assert_eq!(
+        get(&format!("{}/v2/{repo}/manifests/v1", rg.url()), ACCEPT_ALL),
+        200
+    );
     poll_until(Duration::from_secs(30), "a healthy validation", || {
         (ok(rg) > before).then_some(())
     });
@@ -81,7 +87,10 @@ fn main() {
     for i in 0..INCIDENTS {
         let (repo, child) = push("first", i);
         reg.remove_revision_link(&repo, &child);
-        assert_eq!(get(&format!("{}/v2/{repo}/manifests/v1", rg.url()), ACCEPT_ALL), 200);
+        assert_eq!(
+            get(&format!("{}/v2/{repo}/manifests/v1", rg.url()), ACCEPT_ALL),
+            200
+        );
         first.push(until_listed(&rg, &child, Instant::now()));
     }
 
@@ -123,7 +132,10 @@ fn main() {
     });
     let mut restart = Vec::new();
     for (repo, child) in &gc {
-        assert_eq!(get(&format!("{}/v2/{repo}/manifests/v1", rg.url()), ACCEPT_ALL), 200);
+        assert_eq!(
+            get(&format!("{}/v2/{repo}/manifests/v1", rg.url()), ACCEPT_ALL),
+            200
+        );
         restart.push(until_listed(&rg, child, Instant::now()));
     }
 
@@ -132,6 +144,9 @@ fn main() {
     println!("|---|---|---|---|---|");
     percentiles("first serve of a broken index", first);
     percentiles("client 404 behind a warm cache", client);
-    percentiles("first index GET after an offline GC (registry restarted)", restart);
+    percentiles(
+        "first index GET after an offline GC (registry restarted)",
+        restart,
+    );
     percentiles("DELETE of a child through regguard", delete);
 }

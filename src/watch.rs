@@ -28,6 +28,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 type Hook = Box<dyn Fn() + Send + Sync>;
 
+fn probe_agent() -> http::HeaderValue {
+    let agent = format!("{} (upstream probe)", crate::VERSION);
+    http::HeaderValue::from_str(&format!("regguard/{agent}")).unwrap_or_else(|_| user_agent())
+}
+
 /// The watch.
 pub struct UpstreamWatch {
     away: AtomicBool,
@@ -97,7 +102,8 @@ impl UpstreamWatch {
             };
             let Ok(req) = Request::get(uri)
                 .header(header::HOST, upstream.host_header.clone())
-                .header(header::USER_AGENT, user_agent())
+                // Its own User-Agent, so the registry's access log tells probes from checks.
+                .header(header::USER_AGENT, probe_agent())
                 .body(UpstreamBody::empty())
             else {
                 return;
