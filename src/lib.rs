@@ -10,6 +10,7 @@ pub mod admin;
 pub mod body;
 pub mod checker;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod gate;
 pub mod inspect;
