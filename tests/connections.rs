@@ -15,7 +15,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::http::{self, rt};
 use common::oci;
-use common::{poll_until, Regguard, RegguardOptions, Registry, TestCert};
+use common::{
+    free_port, poll_until, require_tool, wait_for_port, Regguard, RegguardOptions, Registry,
+    TestCert,
+};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncReadExt;
@@ -218,12 +221,18 @@ fn tls_connection_idle_after_the_handshake_is_closed() {
 fn connections_over_the_cap_get_503_with_retry_after_then_service_resumes() {
     let reg = Registry::start();
     let rg = Regguard::start_with(&reg.url(), with_args(&["--max-connections", "3"]));
-    // The harness's own probe of the port has gone.
-    wait_metric(&rg, OPEN, 0.0, CLOSE_BOUND);
-    let mut held: Vec<TcpStream> = (0..3)
-        .map(|_| TcpStream::connect(rg.public).unwrap())
-        .collect();
+    // Three connections, each proven served (the harness's probe of the port may
+    // still hold a slot for a moment, and then one of these is refused: try again).
+    let mut held = Vec::new();
+    while held.len() < 3 {
+        let mut s = TcpStream::connect(rg.public).unwrap();
+        write!(s, "GET /v2/ HTTP/1.1\r\nHost: {}\r\n\r\n", rg.host()).unwrap();
+        if read_response(&mut s).0.starts_with("HTTP/1.1 200") {
+            held.push(s);
+        }
+    }
     wait_metric(&rg, OPEN, 3.0, CLOSE_BOUND);
+    let refused_before = metric(&rg, "regguard_client_connections_refused_total").unwrap();
 
     let mut s = TcpStream::connect(rg.public).unwrap();
     write!(s, "GET /v2/ HTTP/1.1\r\nHost: {}\r\n\r\n", rg.host()).unwrap();
@@ -239,7 +248,7 @@ fn connections_over_the_cap_get_503_with_retry_after_then_service_resumes() {
     assert!(read_until_closed(&mut s, CLOSE_BOUND).is_empty());
     assert_eq!(
         metric(&rg, "regguard_client_connections_refused_total"),
-        Some(1.0)
+        Some(refused_before + 1.0)
     );
     assert_eq!(
         metric(&rg, OPEN),
@@ -269,16 +278,23 @@ fn tls_connection_over_the_cap_is_closed_and_counted() {
             ..Default::default()
         },
     );
-    wait_metric(&rg, OPEN, 0.0, CLOSE_BOUND);
-    let _held = TcpStream::connect(rg.public).unwrap();
-    wait_metric(&rg, OPEN, 1.0, CLOSE_BOUND);
     let connector = http::tls_connector(&cert.cert_der, b"http/1.1");
     let addr = rg.public;
-    let handshake = rt().block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        tokio::time::timeout(CLOSE_BOUND, connector.connect(name, tcp)).await
+    let handshake = || {
+        rt().block_on(async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            tokio::time::timeout(CLOSE_BOUND, connector.connect(name, tcp)).await
+        })
+    };
+    // One connection, proven served by its handshake (retried while the harness's
+    // probe of the port may still hold the only slot).
+    let _held = poll_until(CLOSE_BOUND, "a TLS connection under the cap", || {
+        handshake().ok()?.ok()
     });
+    wait_metric(&rg, OPEN, 1.0, CLOSE_BOUND);
+    let refused_before = metric(&rg, "regguard_client_connections_refused_total").unwrap();
+    let handshake = handshake();
     match handshake {
         Ok(Err(_)) => {}
         Ok(Ok(_)) => panic!("a TLS connection over the cap completed its handshake"),
@@ -286,7 +302,7 @@ fn tls_connection_over_the_cap_is_closed_and_counted() {
     }
     assert_eq!(
         metric(&rg, "regguard_client_connections_refused_total"),
-        Some(1.0)
+        Some(refused_before + 1.0)
     );
 }
 
@@ -345,7 +361,7 @@ fn stalled_reader_is_cut_after_the_idle_timeout_and_its_connections_released() {
         "{:?}",
         String::from_utf8_lossy(&first[..n.min(200)])
     );
-    assert_eq!(metric(&rg, OPEN), Some(1.0));
+    wait_metric(&rg, OPEN, 1.0, CLOSE_BOUND);
     assert_eq!(
         established_to(pid, reg.addr.port()),
         1,
@@ -398,4 +414,65 @@ fn max_connections_of_zero_is_refused_at_start_naming_the_key() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_connections"), "{err}");
+}
+
+#[test]
+fn accept_errors_back_off_log_sparingly_and_service_resumes() {
+    let prlimit = require_tool("prlimit", "util-linux");
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("regguard.log");
+    let public: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Few descriptors, so a burst of clients runs the process out of them (EMFILE).
+    let out = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(prlimit)
+        .args(["--nofile=48:48", "--"])
+        .arg(env!("CARGO_BIN_EXE_regguard"))
+        .args(["serve", "--listen", &public.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--upstream", &reg.url(), "--log-format", "json"])
+        .env_remove("REGGUARD_CONFIG")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let _proc = common::Proc {
+        child: Some(child),
+        log: log.clone(),
+    };
+    wait_for_port(public, "regguard", &log);
+    wait_for_port(admin, "regguard admin", &log);
+
+    let held: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect(public).ok())
+        .collect();
+    let failing = std::time::Instant::now();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    poll_until(CLOSE_BOUND, "an accept error", || {
+        log_text().contains("accept failed").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let lines = log_text().matches("accept failed").count();
+    let secs = failing.elapsed().as_secs_f64();
+    assert!(
+        (lines as f64) <= secs + 3.0,
+        "{lines} accept-error lines in {secs:.1}s: not rate-limited"
+    );
+    drop(held);
+
+    // Descriptors free again: the listener serves and the errors were counted.
+    let status = poll_until(CLOSE_BOUND, "regguard to serve again", || {
+        let mut s = TcpStream::connect(public).ok()?;
+        write!(s, "GET /v2/ HTTP/1.1\r\nHost: {public}\r\n\r\n").ok()?;
+        let (head, _) = read_response(&mut s);
+        Some(head)
+    });
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let metrics = http::get_text(&format!("http://{admin}/metrics"));
+    let errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"regguard_accept_errors_total{listener="public"} "#))
+        .map(|v| v.parse::<f64>().unwrap());
+    assert!(matches!(errors, Some(n) if n >= 1.0), "{errors:?}");
 }
