@@ -23,6 +23,11 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: &str = "900s";
     /// nginx's `client_header_timeout` default.
     pub const HEADER_READ_TIMEOUT: &str = "60s";
+    /// Client connections open at once. Far above what a registry front serves (a few
+    /// connections per pulling node or CI job), and each needs about two descriptors
+    /// (client and upstream), so 4096 fit a 10,000-descriptor limit with room for the
+    /// registry's own; it stops a flood of idle sockets long before the process runs out.
+    pub const MAX_CONNECTIONS: usize = 4096;
     pub const CONNECT_TIMEOUT: &str = "10s";
     pub const DRAIN_TIMEOUT: &str = "120s";
     pub const VALIDATE_OK_TTL: &str = "5m";
@@ -109,6 +114,10 @@ pub struct ServeArgs {
     /// Longest time a client may take to send its request headers (slow-loris guard) [default: 60s].
     #[arg(long, env = "REGGUARD_HEADER_READ_TIMEOUT", value_name = "DURATION")]
     pub header_read_timeout: Option<String>,
+    /// Client connections open at once; beyond it plain HTTP gets 503 with Retry-After and TLS
+    /// is closed [default: 4096].
+    #[arg(long, env = "REGGUARD_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
     /// Longest time to open a connection to the upstream [default: 10s].
     #[arg(long, env = "REGGUARD_CONNECT_TIMEOUT", value_name = "DURATION")]
     pub connect_timeout: Option<String>,
@@ -141,6 +150,7 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     idle_timeout: Option<DurationValue>,
     header_read_timeout: Option<DurationValue>,
+    max_connections: Option<usize>,
     connect_timeout: Option<DurationValue>,
     drain_timeout: Option<DurationValue>,
     access_log: Option<bool>,
@@ -312,6 +322,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub idle_timeout: Duration,
     pub header_read_timeout: Duration,
+    /// Client connections open at once.
+    pub max_connections: usize,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub access_log: bool,
@@ -642,6 +654,10 @@ impl Settings {
                 file.header_read_timeout,
                 defaults::HEADER_READ_TIMEOUT,
             )?,
+            max_connections: match args.max_connections.or(file.max_connections) {
+                Some(0) => return Err(invalid("max_connections", "must be at least 1")),
+                n => n.unwrap_or(defaults::MAX_CONNECTIONS),
+            },
             connect_timeout: duration(
                 "connect_timeout",
                 args.connect_timeout,

@@ -14,6 +14,7 @@ pub mod body;
 pub mod budget;
 pub mod checker;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod gate;
 pub mod gojson;

@@ -105,6 +105,16 @@ pub struct Metrics {
     pub connections_total: IntCounter,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: IntCounter,
+    /// Connections refused because `max_connections` were open.
+    pub connections_refused: IntCounter,
+    /// Failed `accept` calls on the public listener.
+    pub accept_errors: IntCounter,
+    /// Failed `accept` calls on the admin listener.
+    pub admin_accept_errors: IntCounter,
+    /// Connections closed for want of a request (`header_read_timeout`).
+    pub connections_idle_closed: IntCounter,
+    /// Connections cut because the client stopped reading (`idle_timeout`).
+    pub connections_write_stalled: IntCounter,
 }
 
 fn registered<T: prometheus::core::Collector + Clone + 'static>(
@@ -175,7 +185,7 @@ impl Metrics {
             IntGaugeVec::new(
                 Opts::new(
                     "regguard_client_connections",
-                    "Client connections currently open",
+                    "Client connections currently open (accepted, TLS handshakes included)",
                 ),
                 &["listener"],
             )?,
@@ -192,6 +202,33 @@ impl Metrics {
             IntCounter::new(
                 "regguard_tls_handshake_failures_total",
                 "TLS handshakes that failed or timed out",
+            )?,
+        )?;
+        let connections_refused = registered(
+            &registry,
+            IntCounter::new(
+                "regguard_client_connections_refused_total",
+                "Client connections refused because max_connections were open",
+            )?,
+        )?;
+        let accept_errors = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "regguard_accept_errors_total",
+                    "Failed accept calls (for example out of file descriptors), by listener",
+                ),
+                &["listener"],
+            )?,
+        )?;
+        let timeouts = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "regguard_client_connection_timeouts_total",
+                    "Client connections closed by a deadline: idle (no request for header_read_timeout) or write_stall (client not reading for idle_timeout)",
+                ),
+                &["reason"],
             )?,
         )?;
         let build_info = registered(
@@ -234,6 +271,11 @@ impl Metrics {
             connections_open: connections.get_metric_with_label_values(&["public"])?,
             connections_total,
             tls_handshake_failures,
+            connections_refused,
+            accept_errors: accept_errors.get_metric_with_label_values(&["public"])?,
+            admin_accept_errors: accept_errors.get_metric_with_label_values(&["admin"])?,
+            connections_idle_closed: timeouts.get_metric_with_label_values(&["idle"])?,
+            connections_write_stalled: timeouts.get_metric_with_label_values(&["write_stall"])?,
             registry,
         })
     }

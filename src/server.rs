@@ -4,6 +4,11 @@
 //! knowledge in plain text); the admin listener speaks HTTP/1.1. On shutdown
 //! both stop accepting, idle connections close, and in-flight exchanges get up
 //! to `drain_timeout` to finish.
+//!
+//! At most `max_connections` client connections are open at once (see
+//! `conn::Slots`); each is wrapped in `conn::ClientIo`, which closes it when no
+//! request has been in flight for `header_read_timeout` or a write to the
+//! client has made no progress for `idle_timeout`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,11 +22,13 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
 use crate::config::Settings;
+use crate::conn::{AcceptBackoff, Activity, ClientIo, Deadlines, Slot, Slots, Tracked};
 use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy};
 
@@ -37,6 +44,15 @@ const CLIENT_BUF_MAX: usize = 256 * 1024;
 const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 const H2_MAX_STREAMS: u32 = 256;
+
+/// Connections over the cap being answered at once. Each holds a descriptor for at
+/// most [`REFUSAL_DEADLINE`]; beyond this many, a refused connection is closed at
+/// once, so a flood over the cap cannot take the descriptors the cap protects.
+const REFUSALS_AT_ONCE: usize = 64;
+/// Longest a refused plain-HTTP client gets to send its request head and read the 503.
+const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
+/// `Retry-After` of the refusal: connections free up as transfers end, so soon is likely fine.
+const REFUSAL_RETRY_AFTER: &str = "2";
 
 /// Why `serve` could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -177,25 +193,46 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let graceful = GracefulShutdown::new();
     let builder = connection_builder(&settings);
+    let slots = Slots::new(settings.max_connections, metrics.connections_open.clone());
+    let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
+    let deadlines = Arc::new(Deadlines {
+        idle: settings.header_read_timeout,
+        write_stall: settings.idle_timeout,
+        idle_closed: metrics.connections_idle_closed.clone(),
+        write_stalled: metrics.connections_write_stalled.clone(),
+    });
+    let mut backoff = AcceptBackoff::new("public", metrics.accept_errors.clone());
 
-    let admin_task = tokio::spawn(admin_loop(admin_listener, admin, stop_rx.clone()));
+    let admin_task = tokio::spawn(admin_loop(
+        admin_listener,
+        admin,
+        stop_rx.clone(),
+        AcceptBackoff::new("admin", metrics.admin_accept_errors.clone()),
+    ));
 
     tokio::pin!(shutdown);
     loop {
         let (stream, remote) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = public.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+            accepted = backoff.accept(&public) => accepted,
+        };
+        let accepted_at = Instant::now();
+        metrics.connections_total.inc();
+        let Some(slot) = slots.try_acquire() else {
+            metrics.connections_refused.inc();
+            tracing::debug!(client = %remote, max = settings.max_connections, "connection refused: too many open");
+            // Over TLS there is no cheap way to say why: close at once.
+            if tls.is_none() {
+                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse(stream).await;
+                        drop(permit);
+                    });
                 }
-            },
+            }
+            continue;
         };
         let _ = stream.set_nodelay(true);
-        metrics.connections_total.inc();
         let conn = ConnInfo {
             remote,
             tls: tls.is_some(),
@@ -207,6 +244,9 @@ pub async fn serve(
             builder: builder.clone(),
             watcher: graceful.watcher(),
             header_read_timeout: settings.header_read_timeout,
+            deadlines: deadlines.clone(),
+            slot,
+            accepted_at,
         };
         match &tls {
             Some(acceptor) => {
@@ -267,6 +307,10 @@ struct ConnTask {
     builder: auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     header_read_timeout: Duration,
+    deadlines: Arc<Deadlines>,
+    /// Held for the connection's life: its place under `max_connections`.
+    slot: Slot,
+    accepted_at: Instant,
 }
 
 impl ConnTask {
@@ -289,11 +333,17 @@ impl ConnTask {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.metrics.connections_open.inc();
+        let activity = Activity::new(self.accepted_at);
+        let io = Box::pin(ClientIo::new(io, activity.clone(), self.deadlines.clone()));
         let proxy = self.proxy.clone();
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, conn).await) }
+            // In flight from here until hyper drops the response body.
+            let in_flight = activity.begin();
+            async move {
+                let resp = proxy.handle(req, conn).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
+            }
         });
         let connection = self
             .builder
@@ -302,23 +352,44 @@ impl ConnTask {
         if let Err(e) = self.watcher.watch(connection).await {
             tracing::debug!(client = %conn.remote, error = %e, "client connection ended with an error");
         }
-        self.metrics.connections_open.dec();
+        drop(self.slot);
     }
 }
 
-async fn admin_loop(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+/// Answers one HTTP/1.1 request on a connection over the cap with 503, then closes.
+/// The request head is read first, so the client sees the answer rather than a reset.
+async fn refuse(stream: TcpStream) {
+    let service = service_fn(|_req| async {
+        let mut resp = crate::error::oci_error(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "too many connections to this registry proxy; retry later",
+        );
+        resp.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static(REFUSAL_RETRY_AFTER),
+        );
+        Ok::<_, Infallible>(resp)
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REFUSAL_DEADLINE)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(REFUSAL_DEADLINE, connection).await;
+}
+
+async fn admin_loop(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    mut stop: watch::Receiver<bool>,
+    mut backoff: AcceptBackoff,
+) {
     let builder = hyper::server::conn::http1::Builder::new();
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.changed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::error!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = backoff.accept(&listener) => accepted,
         };
         let admin = admin.clone();
         let conn = builder.serve_connection(
