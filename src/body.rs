@@ -222,6 +222,78 @@ pin_project_lite::pin_project! {
     enum ResponseKind {
         Upstream { #[pin] body: Metered<Incoming> },
         Full { data: Option<Bytes> },
+        Relayed { relay: Relay },
+    }
+}
+
+/// An upstream body read by a task of its own and handed over one frame at a time.
+/// HTTP/2 multiplexes streams on one socket: a client that withholds one stream's flow
+/// control leaves the socket writable, so no socket deadline sees the stall, and hyper
+/// simply stops polling the body. The relay task does see it (its hand-over waits), and
+/// after `idle` it drops the upstream body (closing that connection) and whatever it
+/// keeps alive (the bulk-read permit).
+pub struct Relay {
+    rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    hint: SizeHint,
+    done: bool,
+    /// Set by the task when the upstream body ended: an end without it is a cut.
+    finished: Arc<AtomicBool>,
+    idle: Duration,
+}
+
+/// Frames read ahead of the client by a relay: one, as hyper itself would buffer.
+const RELAY_FRAMES: usize = 1;
+
+impl Relay {
+    /// Starts the relay task over `body`. `keep` lives as long as the task; `on_stall`
+    /// runs if the client stops taking frames for `idle`.
+    pub fn start(
+        body: Metered<Incoming>,
+        idle: Duration,
+        keep: Option<Box<dyn std::any::Any + Send>>,
+        on_stall: impl FnOnce() + Send + 'static,
+    ) -> Self {
+        use http_body_util::BodyExt as _;
+        let hint = body.size_hint();
+        let (tx, rx) = tokio::sync::mpsc::channel(RELAY_FRAMES);
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
+        tokio::spawn(async move {
+            let _keep = keep;
+            let mut body = body;
+            while let Some(frame) = body.frame().await {
+                match tokio::time::timeout(idle, tx.send(frame)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return, // the client's stream is gone
+                    Err(_) => {
+                        on_stall();
+                        return;
+                    }
+                }
+            }
+            done.store(true, Ordering::Release);
+        });
+        Relay {
+            rx,
+            hint,
+            done: false,
+            finished,
+            idle,
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match ready!(self.rx.poll_recv(cx)) {
+            Some(frame) => Poll::Ready(Some(frame)),
+            None => {
+                self.done = true;
+                if self.finished.load(Ordering::Acquire) {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Err(Box::new(IdleTimeout(self.idle)))))
+                }
+            }
+        }
     }
 }
 
@@ -322,6 +394,31 @@ impl ResponseBody {
         }
     }
 
+    /// Hands the upstream body to a [`Relay`] task (HTTP/2 downloads: see there).
+    pub fn relayed(
+        self,
+        idle: Duration,
+        keep: Option<Box<dyn std::any::Any + Send>>,
+        on_stall: impl FnOnce() + Send + 'static,
+    ) -> Self {
+        let ResponseBody {
+            kind,
+            exchange,
+            tap,
+        } = self;
+        let kind = match kind {
+            ResponseKind::Upstream { body } => ResponseKind::Relayed {
+                relay: Relay::start(body, idle, keep, on_stall),
+            },
+            other => other,
+        };
+        ResponseBody {
+            kind,
+            exchange,
+            tap,
+        }
+    }
+
     /// Copies this (manifest) body aside for validation as it streams.
     pub fn tap(&mut self, tap: Tap) {
         self.tap = Some(tap);
@@ -369,6 +466,7 @@ impl Body for ResponseBody {
                 }
                 polled
             }
+            ResponseKindProj::Relayed { relay } => relay.poll_frame(cx),
             ResponseKindProj::Full { data } => {
                 if let (Some(ex), Some(d)) = (this.exchange.as_ref(), data.as_ref()) {
                     ex.tally()
@@ -384,6 +482,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             ResponseKind::Upstream { body } => body.is_end_stream(),
+            ResponseKind::Relayed { relay } => relay.done,
             ResponseKind::Full { data } => data.as_ref().is_none_or(|d| d.is_empty()),
         }
     }
@@ -391,6 +490,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ResponseKind::Upstream { body } => body.size_hint(),
+            ResponseKind::Relayed { relay } => relay.hint.clone(),
             ResponseKind::Full { data } => full_hint(data),
         }
     }

@@ -234,10 +234,29 @@ impl Proxy {
         if http_body::Body::is_end_stream(&body) {
             tally.request_done.notify_one(); // nothing to send: the wait starts now
         }
+        let h2_download = head.version == Version::HTTP_2
+            && exchange.route == RouteKind::Blob
+            && head.method == Method::GET;
         let body = UpstreamBody::Client {
             body: Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request),
         };
-        self.send(client, head, body, conn, tally).await
+        let resp = self.send(client, head, body, conn, tally).await?;
+        if !h2_download {
+            return Ok(resp);
+        }
+        // One HTTP/2 stream can stall while its connection stays busy: see `body::Relay`.
+        let keep = exchange
+            ._bulk
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::any::Any + Send>);
+        let stalled = self.metrics.clone();
+        let remote = conn.remote;
+        Ok(resp.map(|b| {
+            b.relayed(self.idle_timeout, keep, move || {
+                stalled.connections_write_stalled.inc();
+                tracing::debug!(client = %remote, "HTTP/2 stream stalled by its client: cut");
+            })
+        }))
     }
 
     /// Sends a request head and body upstream and relays the response head.

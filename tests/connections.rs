@@ -477,3 +477,59 @@ fn accept_errors_back_off_log_sparingly_and_service_resumes() {
         .map(|v| v.parse::<f64>().unwrap());
     assert!(matches!(errors, Some(n) if n >= 1.0), "{errors:?}");
 }
+
+#[test]
+fn an_http2_stream_whose_client_stops_taking_data_is_cut_and_its_upstream_released() {
+    let reg = Registry::start();
+    let size = 64 * 1024 * 1024u64;
+    let digest = oci::push_pattern_blob(&reg.url(), "stall/h2", size);
+    let rg = Regguard::start_with(&reg.url(), with_args(&["--idle-timeout", "2s"]));
+    let pid = rg.proc.pid();
+    poll_until(CLOSE_BOUND, "the first upstream probe", || {
+        (rg.metric("regguard_upstream_up") == 1.0 && established_to(pid, reg.addr.port()) == 1)
+            .then_some(())
+    });
+    let base = established_to(pid, reg.addr.port());
+    let stalls = r#"regguard_client_connection_timeouts_total{reason="write_stall"}"#;
+    let before = metric(&rg, stalls).unwrap();
+    let addr = rg.public;
+    let path = format!("/v2/stall/h2/blobs/{digest}");
+    // One HTTP/2 connection; the stream's body is never read, so the client never opens
+    // its flow-control window again, while the connection itself stays healthy.
+    let (held, conn) = rt().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = ::http::Request::get(format!("http://{addr}{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        ((send, resp), conn)
+    });
+    poll_until(CLOSE_BOUND, "the download's upstream connection", || {
+        (established_to(pid, reg.addr.port()) == base + 1).then_some(())
+    });
+    // regguard cuts the stream after the idle timeout: its upstream connection closes.
+    poll_until(
+        Duration::from_secs(60),
+        "the stalled stream's upstream released",
+        || (established_to(pid, reg.addr.port()) == base).then_some(()),
+    );
+    assert_eq!(metric(&rg, stalls), Some(before + 1.0));
+    // The client's connection was not the problem: it is still open, and a new request
+    // on it is served.
+    assert!(!conn.is_finished(), "the whole connection was closed");
+    let (mut send, _stalled) = held;
+    let ok = rt().block_on(async move {
+        let req = ::http::Request::get(format!("http://{addr}/v2/"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        send.send_request(req).await.map(|r| r.status().as_u16())
+    });
+    assert_eq!(ok.unwrap(), 200);
+    conn.abort();
+}
