@@ -490,7 +490,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ResponseKind::Upstream { body } => body.size_hint(),
-            ResponseKind::Relayed { relay } => relay.hint.clone(),
+            ResponseKind::Relayed { relay } => relay.hint,
             ResponseKind::Full { data } => full_hint(data),
         }
     }
