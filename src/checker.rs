@@ -66,14 +66,28 @@ const YIELD_EVERY: usize = 16;
 #[error("the manifest tree references more than {0} distinct manifests and blobs")]
 pub struct OverBudget(pub usize);
 
+/// How a descriptor relates to what a walk has already met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visit {
+    /// The first descriptor of this (kind, digest): check it, and walk into it.
+    First,
+    /// The digest was met before, but this descriptor declares another size or media
+    /// type: judge it too (the answer is cached), but do not walk into the content again.
+    Variant,
+    /// The same descriptor again: nothing new to learn.
+    Repeat,
+}
+
 /// Bounds one walk over a manifest tree (serve-time validation, the gate, the
-/// scan, `check`): each distinct (kind, digest) is visited once, at most
-/// `budget` are visited, and the walk yields to the scheduler every few steps.
+/// scan, `check`): each distinct (kind, digest) is walked into once, each distinct
+/// descriptor (digest, size, media type) is judged once, at most `budget`
+/// descriptors are judged, and the walk yields to the scheduler every few steps.
 /// An index of 1000 copies of an index of 1000 copies of an image is a handful
-/// of references, not a billion.
+/// of references, not a billion; a copy that lies about its size is still judged.
 pub struct Walk {
     manifests: HashSet<String>,
     blobs: HashSet<String>,
+    judged: HashSet<(RefKind, String, u64, String)>,
     budget: usize,
     steps: usize,
 }
@@ -83,39 +97,40 @@ impl Walk {
         Walk {
             manifests: HashSet::new(),
             blobs: HashSet::new(),
+            judged: HashSet::new(),
             budget,
             steps: 0,
         }
     }
 
-    /// `Ok(true)` the first time a reference is met in this walk, `Ok(false)` after;
-    /// [`OverBudget`] when a new one would exceed the budget.
-    pub async fn visit(&mut self, kind: RefKind, digest: &str) -> Result<bool, OverBudget> {
+    /// Where `d` stands in this walk; [`OverBudget`] when judging it would exceed the budget.
+    pub async fn visit(&mut self, kind: RefKind, d: &Descriptor) -> Result<Visit, OverBudget> {
         self.steps += 1;
         if self.steps % YIELD_EVERY == 0 {
             tokio::task::yield_now().await;
         }
-        let set = match kind {
-            RefKind::Manifest => &mut self.manifests,
-            RefKind::Blob => &mut self.blobs,
-        };
-        if set.contains(digest) {
-            return Ok(false);
+        let key = (kind, d.digest.clone(), d.size, d.media_type.clone());
+        if self.judged.contains(&key) {
+            return Ok(Visit::Repeat);
         }
-        if self.manifests.len() + self.blobs.len() >= self.budget {
+        if self.judged.len() >= self.budget {
             return Err(OverBudget(self.budget));
         }
-        let set = match kind {
+        self.judged.insert(key);
+        let seen = match kind {
             RefKind::Manifest => &mut self.manifests,
             RefKind::Blob => &mut self.blobs,
         };
-        set.insert(digest.to_owned());
-        Ok(true)
+        if seen.insert(d.digest.clone()) {
+            Ok(Visit::First)
+        } else {
+            Ok(Visit::Variant)
+        }
     }
 
-    /// Distinct references visited so far.
+    /// Distinct descriptors judged so far.
     pub fn visited(&self) -> usize {
-        self.manifests.len() + self.blobs.len()
+        self.judged.len()
     }
 }
 
@@ -791,7 +806,9 @@ impl Checker {
         hint: Option<ManifestKind>,
     ) -> Result<Arc<Manifest>, FetchError> {
         if let Some(m) = self.manifests.get(digest).await {
-            if body.len() < OFF_THREAD_BYTES || oci::sha256_digest(body) == digest {
+            // Trusted only as the same kind as it is served now.
+            let same_kind = hint.is_none_or(|h| m.kind() == h);
+            if same_kind && (body.len() < OFF_THREAD_BYTES || oci::sha256_digest(body) == digest) {
                 return Ok(m);
             }
         }
@@ -849,17 +866,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_walk_visits_each_reference_once_within_its_budget() {
-        let mut w = Walk::new(3);
-        let d = |i: u8| oci::sha256_digest(&[i]);
-        assert_eq!(w.visit(RefKind::Manifest, &d(1)).await, Ok(true));
+    async fn a_walk_judges_each_descriptor_once_and_walks_each_digest_once() {
+        let mut w = Walk::new(4);
+        let d = |i: u8, size: u64| Descriptor {
+            digest: oci::sha256_digest(&[i]),
+            size,
+            ..Descriptor::default()
+        };
+        assert_eq!(w.visit(RefKind::Manifest, &d(1, 5)).await, Ok(Visit::First));
         for _ in 0..1000 {
-            assert_eq!(w.visit(RefKind::Manifest, &d(1)).await, Ok(false));
+            assert_eq!(
+                w.visit(RefKind::Manifest, &d(1, 5)).await,
+                Ok(Visit::Repeat)
+            );
         }
-        assert_eq!(w.visit(RefKind::Blob, &d(1)).await, Ok(true));
-        assert_eq!(w.visit(RefKind::Blob, &d(2)).await, Ok(true));
-        assert_eq!(w.visit(RefKind::Blob, &d(3)).await, Err(OverBudget(3)));
-        assert_eq!(w.visited(), 3);
+        // The same digest declared with another size is judged, not walked again.
+        assert_eq!(
+            w.visit(RefKind::Manifest, &d(1, 6)).await,
+            Ok(Visit::Variant)
+        );
+        assert_eq!(w.visit(RefKind::Blob, &d(1, 5)).await, Ok(Visit::First));
+        assert_eq!(w.visit(RefKind::Blob, &d(2, 5)).await, Ok(Visit::First));
+        assert_eq!(w.visit(RefKind::Blob, &d(3, 5)).await, Err(OverBudget(4)));
+        assert_eq!(w.visited(), 4);
     }
 
     #[test]

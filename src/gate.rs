@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use futures_util::future::join_all;
 
 use crate::budget::MemoryBudget;
-use crate::checker::{Checker, FetchError, Outcome, OverBudget, RefKind, Walk, OFF_THREAD_BYTES};
+use crate::checker::{
+    Checker, FetchError, Outcome, OverBudget, RefKind, Visit, Walk, OFF_THREAD_BYTES,
+};
 use crate::oci::{self, Descriptor, Manifest, ManifestKind, ParseError};
 
 /// `[gate] mode`.
@@ -193,17 +195,30 @@ impl Gate {
         })
     }
 
-    /// Remembers a manifest the registry just accepted as present in `repo` (its parsed
-    /// form was cached when it was checked, so an index pushed next needs no GET of it).
+    /// Remembers a manifest the registry just accepted as present in `repo`, and its
+    /// parsed form, so an index pushed next needs no GET of it. Only now: a push the
+    /// registry refused (an anonymous one, say) must not decide how regguard reads
+    /// these bytes later.
     pub async fn accepted(
         &self,
         repo: &str,
         digest: &str,
-        size: usize,
+        body: &Bytes,
         content_type: Option<String>,
     ) {
+        if let Some(kind) = pushed_kind(body, content_type.as_deref()) {
+            if let Ok(m) = parse_off_thread(body, kind).await {
+                self.checker.cache_manifest(digest, Arc::new(m)).await;
+            }
+        }
         self.checker
-            .remember_present(repo, digest, size as u64, RefKind::Manifest, content_type)
+            .remember_present(
+                repo,
+                digest,
+                body.len() as u64,
+                RefKind::Manifest,
+                content_type,
+            )
             .await;
     }
 
@@ -212,19 +227,17 @@ impl Gate {
         self.results.inc(result);
     }
 
-    /// Checks a pushed manifest body whose sha256 is `digest`.
+    /// Checks a pushed manifest body. Its parsed form is cached only if the registry
+    /// accepts the push (see [`Gate::accepted`]).
     pub async fn inspect(
         &self,
         repo: &str,
-        digest: &str,
         body: &Bytes,
         content_type: Option<&str>,
         auth: Option<&HeaderValue>,
     ) -> Verdict {
         let started = Instant::now();
-        let verdict = self
-            .inspect_inner(repo, digest, body, content_type, auth)
-            .await;
+        let verdict = self.inspect_inner(repo, body, content_type, auth).await;
         self.duration.observe(started.elapsed().as_secs_f64());
         verdict
     }
@@ -232,7 +245,6 @@ impl Gate {
     async fn inspect_inner(
         &self,
         repo: &str,
-        digest: &str,
         body: &Bytes,
         content_type: Option<&str>,
         auth: Option<&HeaderValue>,
@@ -244,8 +256,6 @@ impl Gate {
             Ok(m) => Arc::new(m),
             Err(e) => return Verdict::Invalid(e.to_string()),
         };
-        // Content is immutable: its parsed form may be cached whether or not the push lands.
-        self.checker.cache_manifest(digest, manifest.clone()).await;
         let mut walk = Walk::new(self.settings.max_references);
         let mut found = Findings::default();
         let top = Place {
@@ -288,7 +298,10 @@ impl Gate {
             }
             let mut present = Vec::new();
             for (item, outcome) in level.into_iter().zip(outcomes) {
-                if note(repo, &item, outcome, &mut found) && item.kind == RefKind::Manifest {
+                if note(repo, &item, outcome, &mut found)
+                    && item.kind == RefKind::Manifest
+                    && item.walk_into
+                {
                     present.push(item);
                 }
             }
@@ -371,31 +384,41 @@ impl Gate {
         match m {
             Manifest::Index { manifests } => {
                 for child in manifests {
-                    if walk.visit(RefKind::Manifest, &child.digest).await? {
-                        out.push(Item {
-                            desc: child.clone(),
-                            kind: RefKind::Manifest,
-                            platform: child.platform.as_ref().map(ToString::to_string),
-                            child: None,
-                            depth,
-                        });
+                    let visit = walk.visit(RefKind::Manifest, child).await?;
+                    if visit == Visit::Repeat {
+                        continue;
                     }
+                    out.push(Item {
+                        desc: child.clone(),
+                        kind: RefKind::Manifest,
+                        platform: child
+                            .platform
+                            .as_ref()
+                            .map(|p| Arc::from(oci::bounded(&p.to_string()))),
+                        child: None,
+                        depth,
+                        walk_into: visit == Visit::First,
+                    });
                 }
             }
-            Manifest::Image { .. } => {
-                for blob in m.references() {
-                    if !blob.urls.is_empty() {
-                        continue; // non-distributable layer: lives elsewhere by design
+            Manifest::Image { config, layers } => {
+                // One shared copy of where these blobs sit, however many there are.
+                let platform: Option<Arc<str>> = place.platform.map(Arc::from);
+                let owner: Option<Arc<str>> = place.child.map(Arc::from);
+                // The config is always in the registry; only layers may live elsewhere.
+                let distributable = layers.iter().filter(|l| l.urls.is_empty());
+                for blob in std::iter::once(config).chain(distributable) {
+                    if walk.visit(RefKind::Blob, blob).await? == Visit::Repeat {
+                        continue;
                     }
-                    if walk.visit(RefKind::Blob, &blob.digest).await? {
-                        out.push(Item {
-                            desc: blob.clone(),
-                            kind: RefKind::Blob,
-                            platform: place.platform.map(str::to_owned),
-                            child: place.child.map(str::to_owned),
-                            depth,
-                        });
-                    }
+                    out.push(Item {
+                        desc: blob.clone(),
+                        kind: RefKind::Blob,
+                        platform: platform.clone(),
+                        child: owner.clone(),
+                        depth,
+                        walk_into: false,
+                    });
                 }
             }
         }
@@ -456,11 +479,13 @@ pub async fn digest_off_thread(body: &Bytes) -> String {
 struct Item {
     desc: Descriptor,
     kind: RefKind,
-    platform: Option<String>,
+    platform: Option<Arc<str>>,
     /// The child image a blob belongs to.
-    child: Option<String>,
+    child: Option<Arc<str>>,
     /// How deep the manifest holding this reference is (the pushed one is 1).
     depth: u32,
+    /// The first descriptor of its digest in this push: its content is walked.
+    walk_into: bool,
 }
 
 /// Records what a check found; true when the reference is present and right.

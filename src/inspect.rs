@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 use serde::Serialize;
 
-use crate::checker::{Checker, FetchError, Outcome, OverBudget, Presence, RefKind, Walk};
+use crate::checker::{Checker, FetchError, Outcome, OverBudget, Presence, RefKind, Visit, Walk};
 use crate::oci::{Descriptor, Manifest};
 
 /// An image reference: `host[:port]/repo[:tag]` or `host[:port]/repo@sha256:…`.
@@ -227,18 +227,19 @@ async fn index_children(
 ) -> Vec<Node> {
     let mut out = Vec::new();
     for child in children {
-        match walk.visit(RefKind::Manifest, &child.digest).await {
-            Ok(true) => {}
-            Ok(false) => continue, // listed (and checked) once, where it first appears
+        let walk_into = match walk.visit(RefKind::Manifest, child).await {
+            Ok(Visit::First) => true,
+            Ok(Visit::Variant) => false, // judged, listed once more, not walked again
+            Ok(Visit::Repeat) => continue, // listed (and checked) where it first appears
             Err(over) => {
                 out.push(over_budget(child, &over));
                 return out;
             }
-        }
+        };
         let platform = child.platform.as_ref().map(ToString::to_string);
         let outcome = checker.check(repo, child, RefKind::Manifest, auth).await;
         let mut node = leaf("image", child, platform, &outcome, RefKind::Manifest);
-        if outcome == Outcome::Ok {
+        if outcome == Outcome::Ok && walk_into {
             match checker.manifest(repo, &child.digest, auth).await {
                 Ok(m) => match m.as_ref() {
                     Manifest::Index { manifests } if depth < max_depth => {
@@ -285,12 +286,12 @@ async fn image_blobs(
     let Manifest::Image { config, layers } = image else {
         return out;
     };
-    match walk.visit(RefKind::Blob, &config.digest).await {
-        Ok(true) => {
+    match walk.visit(RefKind::Blob, config).await {
+        Ok(Visit::First | Visit::Variant) => {
             let outcome = checker.check(repo, config, RefKind::Blob, auth).await;
             out.push(leaf("config", config, None, &outcome, RefKind::Blob));
         }
-        Ok(false) => {}
+        Ok(Visit::Repeat) => {}
         Err(over) => {
             out.push(over_budget(config, &over));
             return out;
@@ -300,9 +301,9 @@ async fn image_blobs(
         if !l.urls.is_empty() {
             continue;
         }
-        match walk.visit(RefKind::Blob, &l.digest).await {
-            Ok(true) => {}
-            Ok(false) => continue,
+        match walk.visit(RefKind::Blob, l).await {
+            Ok(Visit::First | Visit::Variant) => {}
+            Ok(Visit::Repeat) => continue,
             Err(over) => {
                 out.push(over_budget(l, &over));
                 return out;

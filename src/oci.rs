@@ -61,6 +61,20 @@ pub fn same_media_type(a: &str, b: &str) -> bool {
     media_type_essence(a).eq_ignore_ascii_case(media_type_essence(b))
 }
 
+/// Longest copy of a client-chosen string (a platform, a media type) regguard keeps in
+/// its caches, logs and metric labels: real ones are under 100 bytes, and a crafted
+/// 512 KiB platform must not be copied once per reference.
+pub const MAX_KEPT_STRING: usize = 256;
+
+/// `s` cut to at most [`MAX_KEPT_STRING`] bytes, on a character boundary.
+pub fn bounded(s: &str) -> &str {
+    let mut end = s.len().min(MAX_KEPT_STRING);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or("")
+}
+
 /// `sha256:<64 lowercase hex>`: the only algorithm distribution 2.8 serves.
 pub fn is_sha256_digest(s: &str) -> bool {
     s.strip_prefix("sha256:")
@@ -296,6 +310,14 @@ impl Manifest {
             }
         }
         Ok((parsed, ambiguous))
+    }
+
+    /// Index or image.
+    pub fn kind(&self) -> ManifestKind {
+        match self {
+            Manifest::Index { .. } => ManifestKind::Index,
+            Manifest::Image { .. } => ManifestKind::Image,
+        }
     }
 
     /// Every descriptor this manifest references directly.

@@ -131,6 +131,9 @@ impl Proxy {
             Err(_) => route::classify(""),
         };
         let route_kind = route.kind;
+        // A name outside the registry's grammar is the registry's to redirect or refuse:
+        // neither gated nor validated (checks under it would only be redirected too).
+        let named = route.repository.is_some_and(route::is_repository_name);
         let mut exchange = Exchange {
             metrics: self.metrics.clone(),
             tally: Arc::new(Tally::default()),
@@ -145,14 +148,17 @@ impl Proxy {
             _bulk: None,
         };
 
-        let read = self.read_ctx(&req, &route);
+        let read = self.read_ctx(&req, &route).filter(|_| named);
         // A DELETE by digest that the registry carries out is evidence for validation.
         let deleting = (*req.method() == Method::DELETE
             && matches!(route_kind, RouteKind::Manifest | RouteKind::Blob)
+            && named
             && self.validation.is_some())
         .then(|| req.headers().get(header::AUTHORIZATION).cloned());
         let gated = match (&self.gate, route_kind, req.method()) {
-            (Some(g), RouteKind::Manifest, &Method::PUT) if g.settings.mode != GateMode::Off => {
+            (Some(g), RouteKind::Manifest, &Method::PUT)
+                if g.settings.mode != GateMode::Off && named =>
+            {
                 Some((g.clone(), route.reference.unwrap_or("").to_owned()))
             }
             _ => None,
@@ -348,11 +354,13 @@ impl Proxy {
             return Ok(too_large());
         }
         let auth = req.headers().get(header::AUTHORIZATION).cloned();
+        // Read as bytes: Go's mime.ParseMediaType accepts quoted non-ASCII parameters
+        // (`; x="é"`), where `to_str` would fail and the type would look absent.
         let content_type = req
             .headers()
             .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|ct| ct.split(';').next().unwrap_or("").trim().to_owned());
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .map(|ct| oci::media_type_essence(&ct).to_owned());
         // Room in the manifest memory budget before a byte is read: a flood of maximal
         // pushes waits briefly, then is told to come back, instead of exhausting memory.
         let want = declared.map_or(oci::MAX_MANIFEST_BYTES, |n| {
@@ -393,13 +401,7 @@ impl Proxy {
         }
 
         let verdict = gate
-            .inspect(
-                &repo,
-                &digest,
-                &bytes,
-                content_type.as_deref(),
-                auth.as_ref(),
-            )
+            .inspect(&repo, &bytes, content_type.as_deref(), auth.as_ref())
             .await;
         let audit = gate.settings.mode == GateMode::Audit;
         match &verdict {
@@ -478,8 +480,7 @@ impl Proxy {
             .send(self.pools.lean(), head, body, conn, exchange.tally.clone())
             .await?;
         if resp.status() == StatusCode::CREATED {
-            gate.accepted(&repo, &digest, bytes.len(), content_type)
-                .await;
+            gate.accepted(&repo, &digest, &bytes, content_type).await;
         }
         Ok(resp)
     }

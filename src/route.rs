@@ -118,6 +118,46 @@ pub fn decode_path(path: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
         .map_err(|_| PathError::NotUtf8)
 }
 
+/// A repository name as distribution's grammar has it: `/`-separated components of
+/// lowercase letters and digits, joined inside a component by `.`, `_`, `__` or runs
+/// of `-`; 255 bytes at most. The registry routes nothing else to a repository (it
+/// redirects `//` and `/./`, and answers 404 or `NAME_INVALID` for the rest), so the
+/// gate and validation leave other names to it.
+pub fn is_repository_name(name: &str) -> bool {
+    name.len() <= 255 && !name.is_empty() && name.split('/').all(is_component)
+}
+
+fn is_component(c: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = c.as_bytes();
+    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    if !alnum(*first) || !alnum(*last) {
+        return false;
+    }
+    // Between alphanumeric runs: one `.`, one or two `_`, or any number of `-`.
+    let mut run = String::new();
+    for &b in bytes {
+        if alnum(b) {
+            let ok = run.is_empty()
+                || run == "."
+                || run == "_"
+                || run == "__"
+                || run.bytes().all(|x| x == b'-');
+            if !ok {
+                return false;
+            }
+            run.clear();
+        } else if matches!(b, b'.' | b'_' | b'-') {
+            run.push(char::from(b));
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
 /// Classifies a request path (without query string), already decoded by [`decode_path`].
 ///
 /// Repository names may themselves contain `/` and even components named
@@ -243,6 +283,19 @@ mod tests {
         assert_eq!(decode_path("/v2/a%zz/b"), Err(PathError::BadEscape));
         assert_eq!(decode_path("/v2/a%ff/b"), Err(PathError::NotUtf8));
         assert_eq!(decode_path("/v2/a%25/b").unwrap(), "/v2/a%/b");
+    }
+
+    #[test]
+    fn repository_names_follow_the_registry_grammar() {
+        for ok in ["a", "team/app", "a.b/c_d/e__f/g-h/i---j", "0/9"] {
+            assert!(is_repository_name(ok), "{ok}");
+        }
+        for bad in [
+            "", "A", "a//b", "a/./b", "a/../b", "-a", "a-", "a._b", "a___b", "a b", "a/",
+        ] {
+            assert!(!is_repository_name(bad), "{bad}");
+        }
+        assert!(!is_repository_name(&"a".repeat(256)));
     }
 
     #[test]

@@ -676,3 +676,204 @@ fn a_registry_that_loops_its_pages_or_stalls_its_bodies_cannot_hang_a_scan() {
         );
     }
 }
+
+#[test]
+fn a_huge_platform_string_is_not_copied_per_reference() {
+    let reg = Registry::start();
+    let rg = Regguard::start(&reg.url());
+    let repo = "huge/app";
+    // A child image with 1000 tiny layers, pushed through regguard.
+    let layers: Vec<Blob> = (0..1000u32)
+        .map(|i| Blob::new(oci::OCI_LAYER, i.to_be_bytes().to_vec()))
+        .collect();
+    for l in &layers {
+        oci::push_blob(&rg.url(), repo, l, &[]);
+    }
+    let config = Blob::json(
+        "application/vnd.oci.image.config.v1+json",
+        &json!({"architecture": "amd64", "os": "linux"}),
+    );
+    oci::push_blob(&rg.url(), repo, &config, &[]);
+    let child = Blob::json(
+        OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config.descriptor(),
+                "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>()}),
+    );
+    assert_eq!(
+        oci::put_manifest(&rg.url(), repo, &child.digest, &child, &[]).status,
+        201
+    );
+    let before_kib = rg.proc.peak_rss_kib();
+    // One index entry whose platform variant is 512 KiB.
+    let mut desc = child_desc(&child, child.data.len());
+    desc["platform"]["variant"] = json!("v".repeat(512 * 1024));
+    let index = index_of(&[desc]);
+    let r = oci::put_manifest(&rg.url(), repo, "huge", &index, &[]);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = send(
+        "GET",
+        &format!("{}/v2/{repo}/manifests/huge", rg.url()),
+        &[("accept", oci::ACCEPT_ALL)],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 200);
+    poll_until(Duration::from_secs(30), "the validation", || {
+        (rg.metric("regguard_index_checks_total{result=\"ok\"}") >= 1.0).then_some(())
+    });
+    // 1001 references × 512 KiB would be 500 MiB; kept copies are cut to 256 bytes.
+    let grew_mib = (rg.proc.peak_rss_kib().saturating_sub(before_kib)) / 1024;
+    assert!(grew_mib < 100, "peak RSS grew by {grew_mib} MiB");
+}
+
+#[test]
+fn a_content_type_with_a_non_ascii_parameter_is_still_gated() {
+    let reg = Registry::start();
+    let rg = Regguard::start(&reg.url());
+    let repo = "ct/app";
+    let child = base_image(&reg, repo, "non-ascii", &[]);
+    let body =
+        json!({"schemaVersion": 2, "manifests": [child_desc(&child, child.data.len() + 1000)]});
+    let ct = format!("{OCI_INDEX}; x=\"\u{e9}\"");
+    let put = |base: &str, tag: &str| {
+        send(
+            "PUT",
+            &format!("{base}/v2/{repo}/manifests/{tag}"),
+            &[("content-type", ct.as_str())],
+            serde_json::to_vec(&body).unwrap(),
+        )
+    };
+    assert_eq!(
+        put(&reg.url(), "direct").status,
+        201,
+        "the registry reads it as an index"
+    );
+    let r = put(&rg.url(), "via");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(registry_has(&reg, repo, "via", &[]), 404);
+}
+
+#[test]
+fn every_descriptor_is_judged_even_when_its_digest_repeats() {
+    let reg = Registry::start();
+    let rg = Regguard::start(&reg.url());
+    let repo = "dup/app";
+    let child = base_image(&reg, repo, "duplicates", &[]);
+    let size = child.data.len();
+    // The right entry first, then the same digest with a wrong size.
+    let index = index_of(&[child_desc(&child, size), child_desc(&child, size + 1000)]);
+    let r = oci::put_manifest(&rg.url(), repo, "via", &index, &[]);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("size_mismatch"), "{}", r.text());
+    assert_eq!(registry_has(&reg, repo, "via", &[]), 404);
+    // The same index pushed past regguard is found broken when served, and stays so.
+    assert_eq!(
+        oci::put_manifest(&reg.url(), repo, "direct", &index, &[]).status,
+        201
+    );
+    let r = send(
+        "GET",
+        &format!("{}/v2/{repo}/manifests/direct", rg.url()),
+        &[("accept", oci::ACCEPT_ALL)],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 200);
+    poll_until(Duration::from_secs(10), "the wrong size recorded", || {
+        (rg.metric("regguard_index_checks_total{result=\"broken\"}") >= 1.0).then_some(())
+    });
+    let text = http::get_text(&format!("http://{}/integrity", rg.admin));
+    assert!(text.contains(&child.digest), "{text}");
+
+    // An image listing one layer twice, the second time with a wrong size.
+    let v: Value = serde_json::from_slice(&child.data).unwrap();
+    let layer = v["layers"][0].clone();
+    let mut wrong = layer.clone();
+    wrong["size"] = json!(999_999);
+    let twice = Blob::json(
+        OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": v["config"],
+                "layers": [layer, wrong]}),
+    );
+    let r = oci::put_manifest(&rg.url(), repo, "twice", &twice, &[]);
+    assert_eq!(r.status, 400, "{}", r.text());
+}
+
+#[test]
+fn a_config_that_carries_urls_is_still_checked() {
+    let reg = Registry::start();
+    let rg = Regguard::start(&reg.url());
+    let repo = "urls/app";
+    let (layer, _) = oci::layer("f.txt", b"urls");
+    oci::push_blob(&reg.url(), repo, &layer, &[]);
+    let missing = sha256_digest(b"a config that was never pushed");
+    let image = Blob::json(
+        OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": missing, "size": 30, "urls": ["https://example.com/x"]},
+                "layers": [layer.descriptor()]}),
+    );
+    let r = oci::put_manifest(&rg.url(), repo, "via", &image, &[]);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains(&missing), "{}", r.text());
+    assert_eq!(registry_has(&reg, repo, "via", &[]), 404);
+}
+
+#[test]
+fn a_refused_anonymous_push_does_not_decide_how_regguard_reads_those_bytes() {
+    let reg = Registry::start_with(RegistryOptions {
+        auth: Some(("alice".into(), "s3cret".into())),
+    });
+    let rg = Regguard::start(&reg.url());
+    let good = basic("alice", "s3cret");
+    let auth = [("authorization", good.as_str())];
+    let repo = "poison/app";
+    let (layer, diff) = oci::layer("f.txt", b"poison");
+    let config = Blob::json(
+        "application/vnd.oci.image.config.v1+json",
+        &json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff]}}),
+    );
+    oci::push_blob(&reg.url(), repo, &config, &auth);
+    oci::push_blob(&reg.url(), repo, &layer, &auth);
+    // An image without mediaType whose body also says "manifests": null.
+    let text = format!(
+        r#"{{"schemaVersion":2,"config":{},"layers":[{}],"manifests":null}}"#,
+        config.descriptor(),
+        layer.descriptor()
+    );
+    let image = Blob::new(OCI_MANIFEST, text.into_bytes());
+    let r = oci::put_manifest(&reg.url(), repo, &image.digest, &image, &auth);
+    assert_eq!(r.status, 201, "{}", r.text());
+    // The same bytes, anonymously, claiming to be an index: the registry says 401.
+    let as_index = Blob::new(OCI_INDEX, image.data.clone());
+    let r = oci::put_manifest(&rg.url(), repo, &image.digest, &as_index, &[]);
+    assert_eq!(r.status, 401, "{}", r.text());
+    // The image loses its layer; once cached answers are stale, an index naming the image
+    // is refused: regguard still reads it as an image with that layer.
+    reg.remove_layer_link(repo, &layer.digest);
+    std::thread::sleep(Duration::from_secs(6));
+    let index = index_of(&[child_desc(&image, image.data.len())]);
+    let r = oci::put_manifest(&rg.url(), repo, "v1", &index, &auth);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains(&layer.digest), "{}", r.text());
+}
+
+#[test]
+fn a_push_to_a_path_the_registry_redirects_gets_the_registrys_answer() {
+    let reg = Registry::start();
+    let rg = Regguard::start(&reg.url());
+    // A child to check: the checks would go to the same unroutable name.
+    let index =
+        index_of(&[json!({"mediaType": OCI_MANIFEST, "digest": sha256_digest(b"x"), "size": 1})]);
+    for path in ["/v2/atk//path/manifests/t", "/v2/atk/./path/manifests/t"] {
+        let put = |base: &str| {
+            send(
+                "PUT",
+                &format!("{base}{path}"),
+                &[("content-type", OCI_INDEX)],
+                index.data.clone(),
+            )
+            .status
+        };
+        assert_eq!(put(&rg.url()), put(&reg.url()), "{path}");
+    }
+}

@@ -48,6 +48,15 @@ pub(super) struct Parent {
 
 pub(super) type Parents = Arc<Vec<Parent>>;
 
+/// Approximate bytes one referenced-map entry holds, for its byte-weighted bound.
+pub(super) fn weight(key: &(Arc<str>, Arc<str>), parents: &Parents) -> u32 {
+    let strings: usize = parents
+        .iter()
+        .map(|p| p.index.len() + p.reference.len() + p.platform.len() + p.media_type.len() + 100)
+        .sum();
+    u32::try_from(key.0.len() + key.1.len() + 64 + strings).unwrap_or(u32::MAX)
+}
+
 /// (repository, digest) → the indexes that reference it.
 pub(super) type Referenced = Cache<(Arc<str>, Arc<str>), Parents>;
 

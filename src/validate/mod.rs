@@ -20,13 +20,14 @@ use moka::sync::Cache;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::checker::{Checker, FetchError, Outcome, OverBudget, RefKind, Walk};
+use crate::checker::{Checker, FetchError, OverBudget, RefKind, Walk};
 use crate::config::ValidateSettings;
-use crate::integrity::{now_epoch, BrokenRef, Integrity};
-use crate::oci::{Descriptor, Manifest, ManifestKind};
+use crate::integrity::Integrity;
+use crate::oci::{Manifest, ManifestKind};
 use crate::supervise::Supervisor;
 
 mod evidence;
+mod walk;
 pub use evidence::Witness;
 use futures_util::FutureExt as _;
 
@@ -59,6 +60,9 @@ struct ValidateMetrics {
     /// `regguard_client_not_found_total`, indexed `[kind: manifest, blob][referenced: false, true]`.
     not_found: [[IntCounter; 2]; 2],
 }
+
+/// Bytes the referenced map may hold (see its construction).
+const REFERENCED_BYTES: u64 = 256 * 1024 * 1024;
 
 /// The validator: the queue the forwarding path submits to, and its workers.
 pub struct Validator {
@@ -101,6 +105,9 @@ struct Tally {
     broken: usize,
     unauthorized: usize,
     errors: usize,
+    /// Digests judged present (healed at the end unless another descriptor broke).
+    ok: Vec<String>,
+    broken_digests: std::collections::HashSet<String>,
     /// The walk reached `validate.max_references` and stopped.
     over_budget: Option<OverBudget>,
 }
@@ -175,12 +182,14 @@ impl Validator {
                 detection,
                 not_found,
             },
-            // A key is two shared strings (~150 bytes with moka's overhead): a million
-            // references seen in the last day is ~150 MiB at most, enough for every
-            // child and blob of a large registry; past it the least recently used go,
-            // and a 404 for one of those is counted as unreferenced.
+            // Weighed in bytes (the strings kept, plus ~100 bytes of overhead per parent):
+            // 256 MiB is over a million references of real images (a few hundred bytes
+            // each), and crafted ones (long platforms are cut to 256 bytes, at most 8
+            // parents) cannot take more; past it the least recently used go, and a 404
+            // for one of those is counted as unreferenced.
             referenced: Cache::builder()
-                .max_capacity(1_000_000)
+                .weigher(|k: &(Arc<str>, Arc<str>), v: &evidence::Parents| evidence::weight(k, v))
+                .max_capacity(REFERENCED_BYTES)
                 .time_to_idle(Duration::from_secs(24 * 3600))
                 .build(),
             // Manifests validated ok within ok_ttl: one entry per (repository, digest)
@@ -402,9 +411,15 @@ impl Inspector {
             }
             Manifest::Image { .. } => {
                 if node.blobs {
-                    self.check_image_blobs(&node, &manifest, "", &mut tally, &mut walk)
+                    let none: Arc<str> = Arc::from("");
+                    self.check_image_blobs(&node, &manifest, &none, &mut tally, &mut walk)
                         .await;
                 }
+            }
+        }
+        for d in &tally.ok {
+            if !tally.broken_digests.contains(d) {
+                self.integrity.report_ok(&job.repository, &digest, d);
             }
         }
         if let Some(over) = tally.over_budget {
@@ -488,226 +503,6 @@ impl Inspector {
             .manifest(&job.repository, &digest, job.auth.as_ref())
             .await?;
         Ok((digest, m))
-    }
-
-    async fn walk_index(
-        &self,
-        node: &Node<'_>,
-        children: &[Descriptor],
-        depth: u32,
-        tally: &mut Tally,
-        walk: &mut Walk,
-    ) {
-        if depth > self.settings.max_depth {
-            tally.errors += 1;
-            tracing::warn!(
-                repository = node.repository,
-                index_digest = node.root_digest,
-                max_depth = self.settings.max_depth,
-                "index nests deeper than validate.max_depth; not followed"
-            );
-            return;
-        }
-        for child in children {
-            if tally.over_budget.is_some() {
-                return;
-            }
-            match walk.visit(RefKind::Manifest, &child.digest).await {
-                Ok(true) => {}
-                Ok(false) => continue, // already walked in this validation
-                Err(over) => {
-                    tally.over_budget = Some(over);
-                    return;
-                }
-            }
-            let platform = child
-                .platform
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            let outcome = self
-                .checker
-                .check(node.repository, child, RefKind::Manifest, node.auth)
-                .await;
-            self.record(node, child, RefKind::Manifest, &platform, &outcome, tally);
-            if outcome != Outcome::Ok {
-                continue;
-            }
-            let needs_content = node.blobs
-                || crate::oci::manifest_kind(&child.media_type) == Some(ManifestKind::Index);
-            if !needs_content {
-                continue;
-            }
-            match self
-                .checker
-                .manifest(node.repository, &child.digest, node.auth)
-                .await
-            {
-                Ok(m) => match m.as_ref() {
-                    Manifest::Index { manifests } => {
-                        Box::pin(self.walk_index(node, manifests, depth + 1, tally, walk)).await
-                    }
-                    Manifest::Image { .. } => {
-                        if node.blobs {
-                            self.check_image_blobs(node, &m, &platform, tally, walk)
-                                .await;
-                        }
-                    }
-                },
-                Err(FetchError::Unauthorized(_)) => tally.unauthorized += 1,
-                Err(e) => {
-                    tally.errors += 1;
-                    tracing::warn!(repository = node.repository, child_digest = %child.digest, error = %e, "cannot read child manifest");
-                }
-            }
-        }
-    }
-
-    async fn check_image_blobs(
-        &self,
-        node: &Node<'_>,
-        image: &Manifest,
-        platform: &str,
-        tally: &mut Tally,
-        walk: &mut Walk,
-    ) {
-        for blob in image.references() {
-            if !blob.urls.is_empty() {
-                continue; // non-distributable layer: not in the registry by design
-            }
-            match walk.visit(RefKind::Blob, &blob.digest).await {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(over) => {
-                    tally.over_budget = Some(over);
-                    return;
-                }
-            }
-            let outcome = self
-                .checker
-                .check(node.repository, blob, RefKind::Blob, node.auth)
-                .await;
-            self.record(node, blob, RefKind::Blob, platform, &outcome, tally);
-        }
-    }
-
-    fn record(
-        &self,
-        node: &Node<'_>,
-        d: &Descriptor,
-        kind: RefKind,
-        platform: &str,
-        outcome: &Outcome,
-        tally: &mut Tally,
-    ) {
-        self.shared.remember_parent(
-            node.repository,
-            &d.digest,
-            evidence::Parent {
-                index: Arc::from(node.root_digest),
-                reference: Arc::from(node.reference),
-                platform: Arc::from(platform),
-                kind,
-                size: d.size,
-                media_type: Arc::from(d.media_type.as_str()),
-            },
-        );
-        if *outcome == Outcome::Missing {
-            // A 404 of regguard's own: every other index referencing it is broken too.
-            self.loss(
-                node.repository,
-                &d.digest,
-                Witness::Check,
-                Some(node.root_digest),
-                node.auth,
-            );
-        }
-        match outcome {
-            Outcome::Ok => self
-                .integrity
-                .report_ok(node.repository, node.root_digest, &d.digest),
-            Outcome::Unauthorized(_) => tally.unauthorized += 1,
-            Outcome::Error(_) => tally.errors += 1,
-            Outcome::Missing | Outcome::Mismatch { .. } => {
-                tally.broken += 1;
-                let fresh = self.integrity.report_broken(BrokenRef {
-                    repository: node.repository.to_string(),
-                    reference: node.reference.to_string(),
-                    index_digest: node.root_digest.to_string(),
-                    child_digest: d.digest.clone(),
-                    platform: platform.to_string(),
-                    kind,
-                    upstream_said: outcome.describe(kind),
-                    since: now_epoch(),
-                    auth: node.auth.cloned().map(evidence::sensitive),
-                    size: d.size,
-                });
-                if fresh {
-                    self.shared
-                        .metrics
-                        .detection
-                        .observe(node.seen_at.elapsed().as_secs_f64());
-                }
-            }
-        }
-    }
-
-    /// Re-checks one broken reference, bypassing cached negatives. The service
-    /// credentials come first (they do not expire); the credentials of the client that
-    /// found it are used only while the registry accepts them, then forgotten.
-    async fn recheck(&self, b: &BrokenRef) {
-        let desc = Descriptor {
-            digest: b.child_digest.clone(),
-            size: b.size,
-            ..Descriptor::default()
-        };
-        let mut candidates: Vec<(Option<&HeaderValue>, bool)> = Vec::new();
-        if let Some(a) = &self.service_auth {
-            candidates.push((Some(a), false));
-        }
-        if let Some(a) = &b.auth {
-            candidates.push((Some(a), true));
-        }
-        if candidates.is_empty() {
-            candidates.push((None, false));
-        }
-        for (auth, captured) in candidates {
-            // Is the index itself still there? If not, its entries go.
-            let index = self
-                .checker
-                .present(&b.repository, &b.index_digest, RefKind::Manifest, auth)
-                .await;
-            match index {
-                crate::checker::Presence::NotFound => {
-                    self.integrity.remove_index(&b.repository, &b.index_digest);
-                    return;
-                }
-                crate::checker::Presence::Unauthorized(_) => {
-                    if captured {
-                        self.integrity.drop_auth(b);
-                    }
-                    continue;
-                }
-                _ => {}
-            }
-            let outcome = self
-                .checker
-                .recheck(&b.repository, &desc, b.kind, auth, false)
-                .await;
-            match outcome {
-                Outcome::Ok => {
-                    self.integrity
-                        .report_ok(&b.repository, &b.index_digest, &b.child_digest);
-                    return;
-                }
-                Outcome::Unauthorized(_) => {
-                    if captured {
-                        self.integrity.drop_auth(b);
-                    }
-                }
-                _ => return,
-            }
-        }
     }
 }
 
