@@ -1,0 +1,206 @@
+//! The request and response head rewrites of the forwarding path: what the nginx
+//! front's `proxy_set_header` lines did, minus its weaknesses, and RFC 9110's
+//! hop-by-hop fields. Pure functions over header maps.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use super::ConnInfo;
+use crate::config::Upstream;
+
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes the hop-by-hop fields of RFC 9110 §7.6.1: those named by `Connection`,
+/// and `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade`.
+/// Framing is hyper's job on each side (chunked or Content-Length as the body says).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Rewrites a client's request head for the upstream, as the nginx front's
+/// `proxy_set_header` lines did, minus its weakness: a client may not choose the
+/// host the registry writes into `Location` (X-Forwarded-Host, Forwarded).
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    authority: Option<&http::uri::Authority>,
+    conn: ConnInfo,
+    upstream: &Upstream,
+) {
+    remove_hop_by_hop(headers);
+    // hyper's server has already answered `100 Continue` when it started reading the body.
+    headers.remove(header::EXPECT);
+    headers.remove(&X_FORWARDED_HOST);
+    headers.remove(&FORWARDED);
+
+    // Host with its port (nginx's `Host $http_host`). HTTP/2 clients send :authority instead.
+    if !headers.contains_key(header::HOST) {
+        let host = authority
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .unwrap_or_else(|| upstream.host_header.clone());
+        headers.insert(header::HOST, host);
+    }
+
+    let ip = conn.remote.ip().to_string();
+    let forwarded_proto = headers
+        .get(&X_FORWARDED_PROTO)
+        .filter(|v| conn.trusted && (*v == "https" || *v == "http"))
+        .cloned();
+    let real_ip = headers.get(&X_REAL_IP).filter(|_| conn.trusted).cloned();
+    // nginx's $proxy_add_x_forwarded_for: the client's list, then the peer address.
+    let mut xff = String::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = v.to_str() {
+            if !s.trim().is_empty() {
+                xff.push_str(s.trim());
+                xff.push_str(", ");
+            }
+        }
+    }
+    xff.push_str(&ip);
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    match real_ip {
+        Some(v) => {
+            headers.insert(&X_REAL_IP, v);
+        }
+        None => {
+            if let Ok(v) = HeaderValue::from_str(&ip) {
+                headers.insert(&X_REAL_IP, v);
+            }
+        }
+    }
+    let proto = forwarded_proto
+        .unwrap_or_else(|| HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
+    headers.insert(&X_FORWARDED_PROTO, proto);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(tls: bool) -> ConnInfo {
+        ConnInfo {
+            remote: "10.1.2.3:4444".parse().unwrap(),
+            tls,
+            trusted: false,
+        }
+    }
+
+    #[test]
+    fn forwarding_headers_follow_the_nginx_front_without_its_holes() {
+        let up = Upstream::parse("http://reg:5000").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::HOST,
+            HeaderValue::from_static("public.example:5050"),
+        );
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.2"));
+        h.insert(&X_FORWARDED_HOST, HeaderValue::from_static("evil.example"));
+        h.insert(&FORWARDED, HeaderValue::from_static("host=evil.example"));
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("gopher"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic eDp5"),
+        );
+        rewrite_request_headers(&mut h, None, conn(true), &up);
+        assert_eq!(h[header::HOST], "public.example:5050");
+        assert_eq!(h[&X_FORWARDED_FOR], "192.0.2.1, 192.0.2.2, 10.1.2.3");
+        assert_eq!(h[&X_REAL_IP], "10.1.2.3");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        assert!(!h.contains_key(&X_FORWARDED_HOST));
+        assert!(!h.contains_key(&FORWARDED));
+        assert!(!h.contains_key(header::CONNECTION));
+        assert!(!h.contains_key("x-hop"));
+        assert!(!h.contains_key(header::EXPECT));
+        assert_eq!(h[header::AUTHORIZATION], "Basic eDp5");
+    }
+
+    #[test]
+    fn only_trusted_proxies_may_set_the_forwarded_scheme_and_client_ip() {
+        let up = Upstream::parse("http://reg:5000").unwrap();
+        for trusted in [false, true] {
+            let mut h = HeaderMap::new();
+            h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+            h.insert(&X_REAL_IP, HeaderValue::from_static("192.0.2.9"));
+            let c = ConnInfo {
+                trusted,
+                ..conn(false)
+            };
+            rewrite_request_headers(&mut h, None, c, &up);
+            let (proto, ip) = if trusted {
+                ("https", "192.0.2.9")
+            } else {
+                ("http", "10.1.2.3")
+            };
+            assert_eq!(h[&X_FORWARDED_PROTO], proto);
+            assert_eq!(h[&X_REAL_IP], ip);
+        }
+    }
+
+    #[test]
+    fn http2_authority_becomes_host() {
+        let up = Upstream::parse("http://reg:5000").unwrap();
+        let mut h = HeaderMap::new();
+        let authority: http::uri::Authority = "public.example:5050".parse().unwrap();
+        rewrite_request_headers(&mut h, Some(&authority), conn(false), &up);
+        assert_eq!(h[header::HOST], "public.example:5050");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+    }
+
+    #[test]
+    fn response_hop_by_hop_fields_are_removed_and_registry_fields_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(&KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::LOCATION,
+            HeaderValue::from_static("http://x/v2/a/blobs/uploads/1"),
+        );
+        h.insert(
+            "docker-content-digest",
+            HeaderValue::from_static("sha256:00"),
+        );
+        remove_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::TRANSFER_ENCODING));
+        assert!(!h.contains_key(&KEEP_ALIVE));
+        assert!(h.contains_key(header::LOCATION));
+        assert!(h.contains_key("docker-content-digest"));
+    }
+}

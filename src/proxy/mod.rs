@@ -1,0 +1,456 @@
+//! The forwarding path.
+//!
+//! One request goes through these phases, in order, over one [`Exchange`]:
+//!
+//! 1. **classify** the path (`route::classify`);
+//! 2. **answer locally** what regguard owns (`GET /`, the nginx liveness answer);
+//! 3. **forward**: rewrite the request head like the nginx front did (Host kept
+//!    with its port, X-Forwarded-* set, client-chosen forwarding hosts dropped,
+//!    hop-by-hop headers removed) and stream the body to the pooled upstream;
+//! 4. **relay** the response head and stream its body back;
+//! 5. **log and count** when the response body ends or is dropped.
+//!
+//! Nothing here waits on anything but the client and the upstream.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::Tap;
+use crate::body::{Direction, Metered, ResponseBody, Tally, UpstreamBody};
+use crate::checker::RefKind;
+use crate::config::Upstream;
+use crate::error::ForwardError;
+use crate::gate::{Gate, GateMode, OnCheckError, Verdict};
+use crate::metrics::{method_index, Metrics};
+use crate::oci::{self, ManifestKind};
+use crate::route::{self, RouteKind};
+use crate::upstream::{BulkPermit, Pools};
+use crate::validate::{Job, Validator};
+
+mod headers;
+mod push;
+mod tap;
+
+use crate::watch::UpstreamWatch;
+pub use headers::{remove_hop_by_hop, rewrite_request_headers};
+
+/// What the proxy knows about the client connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub tls: bool,
+    /// The peer is a proxy listed in `trusted_proxies`: its X-Forwarded-Proto and X-Real-IP stand.
+    pub trusted: bool,
+}
+
+/// The forwarding path's shared state.
+pub struct Proxy {
+    upstream: Upstream,
+    pools: Pools,
+    metrics: Arc<Metrics>,
+    idle_timeout: Duration,
+    access_log: bool,
+    connect_timeout: Duration,
+    validation: Option<Validation>,
+    gate: Option<Arc<Gate>>,
+    /// Told when the upstream cannot be reached, and when it answers.
+    watch: Option<Arc<UpstreamWatch>>,
+}
+
+/// Timeouts and logging of the forwarding path.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub access_log: bool,
+}
+
+/// Serve-time validation, as the forwarding path sees it: where to hand jobs.
+#[derive(Clone)]
+pub struct Validation {
+    pub validator: Arc<Validator>,
+    /// Also validate image manifests (their config and layers), not only indexes.
+    pub blobs: bool,
+}
+
+impl Proxy {
+    pub fn new(
+        upstream: Upstream,
+        pools: Pools,
+        metrics: Arc<Metrics>,
+        timing: Timing,
+        validation: Option<Validation>,
+        gate: Option<Arc<Gate>>,
+    ) -> Self {
+        let Timing {
+            idle_timeout,
+            connect_timeout,
+            access_log,
+        } = timing;
+        Proxy {
+            upstream,
+            pools,
+            metrics,
+            idle_timeout,
+            access_log,
+            connect_timeout,
+            validation,
+            gate,
+            watch: None,
+        }
+    }
+
+    /// Reports the upstream's reachability to `watch`.
+    pub fn with_watch(mut self, watch: Arc<UpstreamWatch>) -> Self {
+        self.watch = Some(watch);
+        self
+    }
+
+    /// Handles one client request; never fails (failures become OCI error responses).
+    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
+        let started = Instant::now();
+        // Classified as the registry's router will see it (percent-decoded); forwarded as sent.
+        let decoded = route::decode_path(req.uri().path());
+        let route = match &decoded {
+            Ok(path) => route::classify(path),
+            Err(_) => route::classify(""),
+        };
+        let route_kind = route.kind;
+        // A name outside the registry's grammar is the registry's to redirect or refuse:
+        // neither gated nor validated (checks under it would only be redirected too).
+        let named = route.repository.is_some_and(route::is_repository_name);
+        let mut exchange = Exchange {
+            metrics: self.metrics.clone(),
+            tally: Arc::new(Tally::default()),
+            method: req.method().clone(),
+            route: route.kind,
+            repository: route.repository.map(str::to_owned),
+            client: conn.remote,
+            started,
+            status: None,
+            error: None,
+            access_log: self.access_log,
+            _bulk: None,
+        };
+
+        let read = self.read_ctx(&req, &route).filter(|_| named);
+        // A DELETE by digest that the registry carries out is evidence for validation.
+        let deleting = (*req.method() == Method::DELETE
+            && matches!(route_kind, RouteKind::Manifest | RouteKind::Blob)
+            && named
+            && self.validation.is_some())
+        .then(|| req.headers().get(header::AUTHORIZATION).cloned());
+        let gated = match (&self.gate, route_kind, req.method()) {
+            (Some(g), RouteKind::Manifest, &Method::PUT)
+                if g.settings.mode != GateMode::Off && named =>
+            {
+                Some((g.clone(), route.reference.unwrap_or("").to_owned()))
+            }
+            _ => None,
+        };
+        let mut response = if let Err(e) = &decoded {
+            crate::error::oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID", &e.to_string())
+        } else if !req.headers().contains_key(header::HOST) && req.uri().authority().is_none() {
+            // As nginx does: without Host the registry would mint Location URLs naming
+            // its own internal address.
+            crate::error::oci_error(
+                StatusCode::BAD_REQUEST,
+                "UNSUPPORTED",
+                "the request has no Host header",
+            )
+        } else if route_kind == RouteKind::Root
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+        {
+            liveness()
+        } else {
+            let forwarded = match gated {
+                Some((gate, reference)) => {
+                    self.gated_push(&gate, &reference, req, conn, &mut exchange)
+                        .await
+                }
+                None => self.forward(req, conn, &mut exchange).await,
+            };
+            match forwarded {
+                Ok(mut resp) => {
+                    let repository = exchange.repository.as_deref().unwrap_or("");
+                    if let Some(read) = read {
+                        self.tap_response(read, repository, &mut resp);
+                    }
+                    if let (Some(auth), Some(v)) = (&deleting, &self.validation) {
+                        if resp.status() == StatusCode::ACCEPTED {
+                            v.validator.deleted(repository, auth.as_ref());
+                        }
+                    }
+                    resp
+                }
+                Err(e) => {
+                    self.metrics.upstream_error(e.kind());
+                    exchange.error = Some(e.kind());
+                    tracing::warn!(
+                        route = route_kind.as_str(),
+                        client = %conn.remote,
+                        error = %e,
+                        "forwarding failed"
+                    );
+                    e.to_response()
+                }
+            }
+        };
+        exchange.status = Some(response.status());
+        self.metrics
+            .observe_header_latency(exchange.route, started.elapsed().as_secs_f64());
+        response.body_mut().attach(exchange);
+        response
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        exchange: &mut Exchange,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        let tally = exchange.tally.clone();
+        // Blob downloads get large upstream reads while the bulk budget lasts (see `upstream`).
+        let client = match (exchange.route, req.method()) {
+            (RouteKind::Blob, &Method::GET) => match self.pools.try_bulk() {
+                Some((client, permit)) => {
+                    exchange._bulk = Some(permit);
+                    client
+                }
+                None => self.pools.lean(),
+            },
+            _ => self.pools.lean(),
+        };
+        let (head, body) = req.into_parts();
+        if http_body::Body::is_end_stream(&body) {
+            tally.request_done.notify_one(); // nothing to send: the wait starts now
+        }
+        let h2_download = head.version == Version::HTTP_2
+            && exchange.route == RouteKind::Blob
+            && head.method == Method::GET;
+        let body = UpstreamBody::Client {
+            body: Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request),
+        };
+        let resp = self.send(client, head, body, conn, tally).await?;
+        if !h2_download {
+            return Ok(resp);
+        }
+        // One HTTP/2 stream can stall while its connection stays busy: see `body::Relay`.
+        let keep = exchange
+            ._bulk
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::any::Any + Send>);
+        let stalled = self.metrics.clone();
+        let remote = conn.remote;
+        Ok(resp.map(|b| {
+            b.relayed(self.idle_timeout, keep, move || {
+                stalled.connections_write_stalled.inc();
+                tracing::debug!(client = %remote, "HTTP/2 stream stalled by its client: cut");
+            })
+        }))
+    }
+
+    /// Sends a request head and body upstream and relays the response head.
+    async fn send(
+        &self,
+        client: &crate::upstream::UpstreamClient,
+        mut head: http::request::Parts,
+        body: UpstreamBody,
+        conn: ConnInfo,
+        tally: Arc<Tally>,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let uri = self
+            .upstream
+            .uri_for(path_and_query)
+            .map_err(|e| ForwardError::Unreachable(format!("cannot build upstream URI: {e}")))?;
+        rewrite_request_headers(
+            &mut head.headers,
+            head.uri.authority(),
+            conn,
+            &self.upstream,
+        );
+        head.uri = uri;
+        head.version = Version::HTTP_11;
+
+        // The wait for the response head starts when the request body has been sent
+        // (nginx's proxy_read_timeout); while it streams, the body's own idle timeout
+        // guards against a stalled client. A 6 s upload with a 2 s idle timeout works.
+        let request = client.request(Request::from_parts(head, body));
+        let idle = self.idle_timeout;
+        let head_deadline = async {
+            tally.request_done.notified().await;
+            tokio::time::sleep(idle).await;
+        };
+        let sent = tokio::select! {
+            r = request => Ok(r),
+            () = head_deadline => Err(()),
+        };
+        let response = match sent {
+            Err(_) => {
+                return Err(ForwardError::Timeout {
+                    stage: "response headers",
+                    after: self.idle_timeout,
+                })
+            }
+            Ok(Err(e)) => {
+                let error = self.classify_client_error(&e, &tally);
+                if let (Some(w), ForwardError::Unreachable(_) | ForwardError::Timeout { .. }) =
+                    (&self.watch, &error)
+                {
+                    w.unreachable();
+                }
+                return Err(error);
+            }
+            Ok(Ok(r)) => {
+                if let Some(w) = &self.watch {
+                    w.answered();
+                }
+                r
+            }
+        };
+
+        let (mut head, body) = response.into_parts();
+        remove_hop_by_hop(&mut head.headers);
+        let body = Metered::new(body, self.idle_timeout, tally, Direction::Response);
+        Ok(Response::from_parts(head, ResponseBody::upstream(body)))
+    }
+}
+
+impl Proxy {
+    fn classify_client_error(
+        &self,
+        e: &hyper_util::client::legacy::Error,
+        tally: &Tally,
+    ) -> ForwardError {
+        if tally.request_failed.load(Ordering::Relaxed) {
+            return ForwardError::ClientAborted(error_chain(e));
+        }
+        if e.is_connect() && has_timeout(e) {
+            return ForwardError::Timeout {
+                stage: "connect",
+                after: self.connect_timeout,
+            };
+        }
+        ForwardError::Unreachable(error_chain(e))
+    }
+}
+
+/// `GET /` on the public listener, as the nginx front answered it.
+fn liveness() -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(Bytes::from_static(b"ok")));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+fn has_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The error and its sources on one line: hyper's top-level errors are terse.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        cur = err.source();
+    }
+    out
+}
+
+/// One request/response exchange: counted and logged once, when it ends.
+///
+/// Created when the request arrives; moved into the response body once the
+/// head is known. Dropped when the body has been sent, or earlier when the
+/// client goes away; either way `Drop` writes the one log line and the counters.
+pub struct Exchange {
+    metrics: Arc<Metrics>,
+    tally: Arc<Tally>,
+    method: Method,
+    route: RouteKind,
+    repository: Option<String>,
+    client: SocketAddr,
+    started: Instant,
+    status: Option<StatusCode>,
+    error: Option<&'static str>,
+    access_log: bool,
+    /// Held for the life of a bulk blob download (released with the exchange).
+    _bulk: Option<BulkPermit>,
+}
+
+impl Exchange {
+    /// The counters shared with this exchange's bodies.
+    pub fn tally(&self) -> &Tally {
+        &self.tally
+    }
+
+    fn outcome(&self) -> &'static str {
+        if self.status.is_none() {
+            return "client_closed";
+        }
+        if self.tally.request_failed.load(Ordering::Relaxed) {
+            return "request_body_failed";
+        }
+        if self.tally.response_failed.load(Ordering::Relaxed) {
+            return "response_body_failed";
+        }
+        if self.tally.response_complete.load(Ordering::Relaxed) {
+            "complete"
+        } else {
+            "client_closed"
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let bytes_in = self.tally.bytes_in.load(Ordering::Relaxed);
+        let bytes_out = self.tally.bytes_out.load(Ordering::Relaxed);
+        let outcome = self.outcome();
+        self.metrics.observe_exchange(
+            method_index(&self.method),
+            self.route,
+            self.status,
+            bytes_in,
+            bytes_out,
+        );
+        if self.tally.response_failed.load(Ordering::Relaxed) {
+            self.metrics.upstream_error("upstream_body");
+        }
+        if self.access_log {
+            tracing::info!(
+                target: "regguard::access",
+                method = %self.method,
+                route = self.route.as_str(),
+                repository = self.repository.as_deref().unwrap_or(""),
+                status = self.status.map_or(0, |s| s.as_u16()),
+                bytes_in,
+                bytes_out,
+                duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+                client = %self.client,
+                outcome,
+                error = self.error.unwrap_or(""),
+                "request"
+            );
+        }
+    }
+}
