@@ -13,7 +13,7 @@ pub mod admin;
 pub mod body;
 pub mod budget;
 pub mod checker;
-pub mod cli_auth;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod gate;

@@ -150,21 +150,22 @@ fn check(args: CheckArgs) -> ExitCode {
     let refs = match args
         .refs
         .iter()
-        .map(|r| regguard::inspect::ImageRef::parse(r))
+        .map(|r| regguard::cli::reference::ImageRef::parse(r))
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(r) => r,
         Err(e) => return cannot("check", &e),
     };
-    let credentials = match regguard::cli_auth::Credentials::from_cli(args.access.user.as_deref()) {
-        Ok(c) => c,
-        Err(e) => return cannot("check", &e),
-    };
+    let credentials =
+        match regguard::cli::credentials::Credentials::from_cli(args.access.user.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return cannot("check", &e),
+        };
     let runtime = match cli_runtime() {
         Ok(rt) => rt,
         Err(e) => return cannot("check", &e),
     };
-    let results = runtime.block_on(regguard::inspect::check_all(
+    let results = runtime.block_on(regguard::cli::check::check_all(
         &refs,
         args.access.insecure,
         &credentials,
@@ -186,15 +187,16 @@ fn check(args: CheckArgs) -> ExitCode {
 }
 
 fn scan(args: ScanArgs) -> ExitCode {
-    let credentials = match regguard::cli_auth::Credentials::from_cli(args.access.user.as_deref()) {
-        Ok(c) => c,
-        Err(e) => return cannot("scan", &e),
-    };
+    let credentials =
+        match regguard::cli::credentials::Credentials::from_cli(args.access.user.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return cannot("scan", &e),
+        };
     let runtime = match cli_runtime() {
         Ok(rt) => rt,
         Err(e) => return cannot("scan", &e),
     };
-    let result = runtime.block_on(regguard::inspect::scan_registry(
+    let result = runtime.block_on(regguard::cli::scan::scan_registry(
         &args.registry,
         args.access.insecure,
         &credentials,
