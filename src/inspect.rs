@@ -1,48 +1,24 @@
-//! `regguard check`: one image, deeply, as a tree: the index, each child with its platform,
-//! and each child image's config and layers, every reference asked through the shared
-//! [`Checker`] (same requests, same verdicts as validation and the gate).
+//! `regguard check`'s tree: one image, deeply: the index, each child with its platform, and
+//! each child image's config and layers, every reference asked through the shared [`Checker`]
+//! (same requests, same verdicts as validation and the gate). Also the words of results:
+//! attestations named after the image they describe, and the runbook's repair step for each
+//! broken reference. Reaching the registry is the command line's part.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::HeaderValue;
 use serde::Serialize;
 
-use crate::checker::{Checker, FetchError, Outcome, OverBudget, Presence, RefKind, Visit, Walk};
+use crate::checker::{Checker, Outcome, OverBudget, RefKind, Visit, Walk};
 use crate::oci::{Descriptor, Manifest};
 
-/// An image reference: `host[:port]/repo[:tag]` or `host[:port]/repo@sha256:…`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
-    pub host: String,
-    pub repository: String,
-    /// A tag or a digest.
-    pub reference: String,
-}
-
-impl ImageRef {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (host, rest) = s
-            .split_once('/')
-            .ok_or_else(|| format!("`{s}`: expected HOST[:PORT]/REPOSITORY[:TAG|@DIGEST]"))?;
-        if !(host.contains('.') || host.contains(':') || host == "localhost") {
-            return Err(format!("`{s}`: the first component `{host}` is not a registry host (add the host, e.g. registry.example:5050/{s})"));
-        }
-        let (repository, reference) = if let Some((r, d)) = rest.split_once('@') {
-            (r.to_string(), d.to_string())
-        } else {
-            match rest.rsplit_once(':') {
-                Some((r, t)) if !t.contains('/') => (r.to_string(), t.to_string()),
-                _ => (rest.to_string(), "latest".to_string()),
-            }
-        };
-        if repository.is_empty() || reference.is_empty() {
-            return Err(format!("`{s}`: empty repository or reference"));
-        }
-        Ok(ImageRef {
-            host: host.to_string(),
-            repository,
-            reference,
-        })
+/// `repo:tag` or `repo@digest`, whichever `reference` is.
+pub fn at(repo: &str, reference: &str) -> String {
+    if reference.contains(':') {
+        format!("{repo}@{reference}")
+    } else {
+        format!("{repo}:{reference}")
     }
 }
 
@@ -123,7 +99,7 @@ fn leaf(
         detail: if *outcome == Outcome::Ok {
             String::new()
         } else {
-            outcome.describe(kind)
+            registry_words(&outcome.describe(kind))
         },
         children: Vec::new(),
     }
@@ -142,58 +118,23 @@ fn over_budget(d: &Descriptor, over: &OverBudget) -> Node {
     }
 }
 
-/// Checks one image deeply. Errors only when the image itself cannot be resolved.
+/// Checks the image at `digest` (already resolved by the caller) deeply. `labels` names
+/// index children by digest ("attestation for linux/amd64"); others keep their platform.
 pub async fn check_image(
     checker: &Arc<Checker>,
     repo: &str,
-    reference: &str,
+    digest: &str,
     auth: Option<&HeaderValue>,
     max_depth: u32,
+    labels: &HashMap<String, String>,
 ) -> Result<Node, String> {
-    let digest = if crate::oci::is_sha256_digest(reference) {
-        reference.to_string()
-    } else {
-        match checker
-            .present(repo, reference, RefKind::Manifest, auth)
-            .await
-        {
-            Presence::Found {
-                digest: Some(d), ..
-            } => d,
-            Presence::Found { digest: None, .. } => {
-                return Err(format!(
-                    "{repo}:{reference}: the registry sent no Docker-Content-Digest"
-                ))
-            }
-            Presence::NotFound => {
-                return Ok(Node {
-                    role: "manifest",
-                    digest: reference.to_string(),
-                    platform: None,
-                    size: None,
-                    result: "missing",
-                    detail: "404 MANIFEST_UNKNOWN".into(),
-                    children: vec![],
-                })
-            }
-            Presence::Unauthorized(s) => {
-                return Err(format!(
-                    "{repo}:{reference}: not authorized ({s}); give --user or a docker config"
-                ))
-            }
-            Presence::Error(e) => return Err(format!("{repo}:{reference}: {e}")),
-        }
-    };
     let manifest = checker
-        .manifest(repo, &digest, auth)
+        .manifest(repo, digest, auth)
         .await
-        .map_err(|e| match e {
-            FetchError::Unauthorized(s) => format!("{repo}@{digest}: not authorized ({s})"),
-            other => format!("{repo}@{digest}: {other}"),
-        })?;
+        .map_err(|e| registry_words(&format!("{}: {e}", at(repo, digest))))?;
     let mut root = Node {
         role: "index",
-        digest: digest.clone(),
+        digest: digest.to_string(),
         platform: None,
         size: None,
         result: "ok",
@@ -203,10 +144,14 @@ pub async fn check_image(
     let mut walk = Walk::new(crate::checker::DEFAULT_MAX_REFERENCES);
     match manifest.as_ref() {
         Manifest::Index { manifests } => {
-            root.children = Box::pin(index_children(
-                checker, repo, manifests, auth, 1, max_depth, &mut walk,
-            ))
-            .await;
+            let place = Place {
+                checker,
+                repo,
+                auth,
+                max_depth,
+                labels,
+            };
+            root.children = Box::pin(index_children(&place, manifests, 1, &mut walk)).await;
         }
         Manifest::Image { .. } => {
             root.role = "image";
@@ -216,15 +161,28 @@ pub async fn check_image(
     Ok(root)
 }
 
-async fn index_children(
-    checker: &Arc<Checker>,
-    repo: &str,
-    children: &[Descriptor],
-    auth: Option<&HeaderValue>,
-    depth: u32,
+/// What stays the same down one image's tree.
+struct Place<'a> {
+    checker: &'a Arc<Checker>,
+    repo: &'a str,
+    auth: Option<&'a HeaderValue>,
     max_depth: u32,
+    labels: &'a HashMap<String, String>,
+}
+
+async fn index_children(
+    place: &Place<'_>,
+    children: &[Descriptor],
+    depth: u32,
     walk: &mut Walk,
 ) -> Vec<Node> {
+    let Place {
+        checker,
+        repo,
+        auth,
+        max_depth,
+        labels,
+    } = *place;
     let mut out = Vec::new();
     for child in children {
         let walk_into = match walk.visit(RefKind::Manifest, child).await {
@@ -236,7 +194,10 @@ async fn index_children(
                 return out;
             }
         };
-        let platform = child.platform.as_ref().map(ToString::to_string);
+        let platform = labels
+            .get(&child.digest)
+            .cloned()
+            .or_else(|| child.platform.as_ref().map(ToString::to_string));
         let outcome = checker.check(repo, child, RefKind::Manifest, auth).await;
         let mut node = leaf("image", child, platform, &outcome, RefKind::Manifest);
         if outcome == Outcome::Ok && walk_into {
@@ -244,16 +205,8 @@ async fn index_children(
                 Ok(m) => match m.as_ref() {
                     Manifest::Index { manifests } if depth < max_depth => {
                         node.role = "index";
-                        node.children = Box::pin(index_children(
-                            checker,
-                            repo,
-                            manifests,
-                            auth,
-                            depth + 1,
-                            max_depth,
-                            walk,
-                        ))
-                        .await;
+                        node.children =
+                            Box::pin(index_children(place, manifests, depth + 1, walk)).await;
                     }
                     Manifest::Index { .. } => {
                         node.role = "index";
@@ -266,7 +219,7 @@ async fn index_children(
                 },
                 Err(e) => {
                     node.result = "error";
-                    node.detail = e.to_string();
+                    node.detail = registry_words(&e.to_string());
                 }
             }
         }
@@ -315,65 +268,92 @@ async fn image_blobs(
     out
 }
 
-/// Where the CLI's credentials come from: `--user`, else `REGGUARD_USER` + `REGGUARD_PASSWORD`,
-/// else the docker config file's entry for the registry's host.
-pub struct Credentials {
-    explicit: Option<HeaderValue>,
-    docker_config: Option<String>,
-}
-
-impl Credentials {
-    /// Reads `--user` / the environment, and the docker config file if there is one.
-    pub fn from_cli(user: Option<&str>) -> Result<Self, String> {
-        let user = user.map(str::to_owned).or_else(|| {
-            let u = std::env::var("REGGUARD_USER").ok()?;
-            let p = std::env::var("REGGUARD_PASSWORD").ok()?;
-            Some(format!("{u}:{p}"))
-        });
-        let explicit = user
-            .map(|u| crate::config::basic_auth(&u))
-            .transpose()
-            .map_err(|e| format!("--user: {e}"))?;
-        let docker_config = std::env::var("DOCKER_CONFIG")
-            .map(|d| std::path::PathBuf::from(d).join("config.json"))
-            .or_else(|_| {
-                std::env::var("HOME")
-                    .map(|h| std::path::PathBuf::from(h).join(".docker/config.json"))
-            })
-            .ok()
-            .and_then(|p| std::fs::read_to_string(p).ok());
-        Ok(Credentials {
-            explicit,
-            docker_config,
-        })
+/// The README runbook's repair step for one broken reference, in one line. `image` is how
+/// the image is pulled (`host/repo:tag`), `manifest` whether the broken reference is a manifest.
+pub fn repair_hint(
+    image: &str,
+    repo: &str,
+    digest: &str,
+    manifest: bool,
+    mismatch: bool,
+) -> String {
+    if mismatch {
+        return format!(
+            "repair: the manifest that lists {digest} describes it wrongly (size, digest or media type): rebuild {image} and push it again"
+        );
     }
-
-    /// The `Authorization` to send to `host`, if any.
-    pub fn for_host(&self, host: &str) -> Option<HeaderValue> {
-        self.explicit.clone().or_else(|| {
-            self.docker_config
-                .as_deref()
-                .and_then(|c| docker_config_auth(c, host))
-        })
+    if manifest {
+        format!(
+            "repair: push {image} again with its digests kept (skopeo copy --all --preserve-digests docker://<good-copy> docker://{image}); re-PUTting {digest}'s exact bytes by digest also recreates the link"
+        )
+    } else {
+        format!(
+            "repair: mount {digest} from a repository that has it (POST /v2/{repo}/blobs/uploads/?mount={digest}&from=<other-repo>), or push {image} again"
+        )
     }
 }
 
-/// Credentials for `host` from a docker config file (`auths.<host>.auth`, or username/password).
-pub fn docker_config_auth(config_json: &str, host: &str) -> Option<HeaderValue> {
-    let v: serde_json::Value = serde_json::from_str(config_json).ok()?;
-    let entry = v.get("auths")?.get(host)?;
-    if let Some(auth) = entry
-        .get("auth")
-        .and_then(|a| a.as_str())
-        .filter(|a| !a.is_empty())
-    {
-        let mut h = HeaderValue::from_str(&format!("Basic {auth}")).ok()?;
-        h.set_sensitive(true);
-        return Some(h);
+/// Names index children by digest: each attestation manifest (buildx marks it with
+/// `vnd.docker.reference.type: attestation-manifest` and platform unknown/unknown) becomes
+/// "attestation for <the platform of the image it describes>".
+pub fn attestation_labels(index: &[u8]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(index) else {
+        return out;
+    };
+    let Some(list) = v.get("manifests").and_then(|m| m.as_array()) else {
+        return out;
+    };
+    let platform_of = |d: &serde_json::Value| -> Option<String> {
+        let p = d.get("platform")?;
+        let mut s = format!(
+            "{}/{}",
+            p.get("os")?.as_str()?,
+            p.get("architecture")?.as_str()?
+        );
+        if let Some(v) = p
+            .get("variant")
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+        {
+            s.push('/');
+            s.push_str(v);
+        }
+        Some(s)
+    };
+    let platforms: HashMap<&str, String> = list
+        .iter()
+        .filter_map(|d| Some((d.get("digest")?.as_str()?, platform_of(d)?)))
+        .collect();
+    for d in list {
+        let annotation = |k: &str| {
+            d.get("annotations")
+                .and_then(|a| a.get(k))
+                .and_then(|v| v.as_str())
+        };
+        if annotation("vnd.docker.reference.type") != Some("attestation-manifest") {
+            continue;
+        }
+        let (Some(digest), Some(subject)) = (
+            d.get("digest").and_then(|v| v.as_str()),
+            annotation("vnd.docker.reference.digest"),
+        ) else {
+            continue;
+        };
+        let of = platforms
+            .get(subject)
+            .cloned()
+            .unwrap_or_else(|| subject.to_string());
+        out.insert(digest.to_string(), format!("attestation for {of}"));
     }
-    let user = entry.get("username")?.as_str()?;
-    let pass = entry.get("password")?.as_str()?;
-    crate::config::basic_auth(&format!("{user}:{pass}")).ok()
+    out
+}
+
+/// Words for people: the checker and scanner speak of "the upstream" (right for the proxy's
+/// logs); to a CLI user the thing at the other end is the registry.
+pub fn registry_words(s: &str) -> String {
+    s.replace("upstream", "registry")
+        .replace("Upstream", "Registry")
 }
 
 #[cfg(test)]
@@ -381,137 +361,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn references_parse_with_tags_digests_and_ports() {
-        let r = ImageRef::parse("registry.example:5050/infra-ci:latest").unwrap();
+    fn attestations_are_named_after_their_image() {
+        let index = serde_json::json!({"manifests": [
+            {"digest": "sha256:a", "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
+            {"digest": "sha256:b", "platform": {"os": "unknown", "architecture": "unknown"},
+             "annotations": {"vnd.docker.reference.type": "attestation-manifest", "vnd.docker.reference.digest": "sha256:a"}}
+        ]});
+        let labels = attestation_labels(&serde_json::to_vec(&index).unwrap());
         assert_eq!(
-            (r.host.as_str(), r.repository.as_str(), r.reference.as_str()),
-            ("registry.example:5050", "infra-ci", "latest")
+            labels.get("sha256:b").map(String::as_str),
+            Some("attestation for linux/arm/v7")
         );
-        let r = ImageRef::parse("127.0.0.1:5000/team/app@sha256:abc").unwrap();
-        assert_eq!(
-            (r.repository.as_str(), r.reference.as_str()),
-            ("team/app", "sha256:abc")
-        );
-        let r = ImageRef::parse("reg.example/team/app").unwrap();
-        assert_eq!(r.reference, "latest");
-        assert!(ImageRef::parse("team/app:v1").is_err(), "no registry host");
+        assert!(!labels.contains_key("sha256:a"));
     }
-
-    #[test]
-    fn docker_config_auth_reads_auth_and_user_password() {
-        let cfg =
-            r#"{"auths":{"reg:5050":{"auth":"dTpw"},"other":{"username":"u","password":"p"}}}"#;
-        assert_eq!(docker_config_auth(cfg, "reg:5050").unwrap(), "Basic dTpw");
-        assert_eq!(docker_config_auth(cfg, "other").unwrap(), "Basic dTpw");
-        assert!(docker_config_auth(cfg, "nope").is_none());
-    }
-}
-
-/// The result of checking one image.
-#[derive(Debug, Serialize)]
-pub struct CheckResult {
-    pub image: String,
-    pub healthy: bool,
-    pub broken: usize,
-    pub unchecked: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tree: Option<Node>,
-}
-
-/// The hint added to connection failures from the CLI.
-pub const INSECURE_HINT: &str =
-    "if the registry speaks plain HTTP or has a self-signed certificate, pass --insecure";
-
-/// The base URL to reach `host`: `https://` always; with `insecure`, `https://` without
-/// certificate verification if the host speaks TLS, else `http://`.
-pub async fn registry_url(host: &str, insecure: bool) -> String {
-    if !insecure {
-        return format!("https://{host}");
-    }
-    let pools = crate::upstream::Pools::with_tls(
-        std::time::Duration::from_secs(5),
-        crate::upstream::TlsVerify::None,
-    );
-    let probe = http::Request::get(format!("https://{host}/v2/"))
-        .header(http::header::USER_AGENT, crate::upstream::user_agent())
-        .body(crate::body::UpstreamBody::empty());
-    let speaks_tls = match probe {
-        Ok(req) => matches!(
-            tokio::time::timeout(std::time::Duration::from_secs(5), pools.lean().request(req))
-                .await,
-            Ok(Ok(_))
-        ),
-        Err(_) => false,
-    };
-    if speaks_tls {
-        format!("https://{host}")
-    } else {
-        format!("http://{host}")
-    }
-}
-
-impl CheckResult {
-    /// The tree and a one-line verdict, for people (errors go to stderr separately).
-    pub fn render_text(&self) -> String {
-        let Some(tree) = &self.tree else {
-            return String::new();
-        };
-        let mut out = format!("{}\n", self.image);
-        tree.render(&mut out, "", true, true);
-        let verdict = if self.healthy {
-            "healthy".to_string()
-        } else {
-            format!("{} broken, {} not checked", self.broken, self.unchecked)
-        };
-        out.push_str(&format!("=> {verdict}\n\n"));
-        out
-    }
-}
-
-/// Checks each image; `auth_for(host)` gives the credentials to use.
-pub async fn check_all(
-    refs: &[(String, ImageRef)],
-    insecure: bool,
-    auth_for: impl Fn(&str) -> Option<HeaderValue>,
-) -> Vec<CheckResult> {
-    let mut out = Vec::new();
-    for (text, r) in refs {
-        let auth = auth_for(&r.host);
-        let base = registry_url(&r.host, insecure).await;
-        let result =
-            match crate::checker::Standalone::new(&base, insecure, &prometheus::Registry::new()) {
-                Ok(crate::checker::Standalone { checker, .. }) => {
-                    check_image(&checker, &r.repository, &r.reference, auth.as_ref(), 4).await
-                }
-                Err(e) => Err(e),
-            };
-        out.push(match result {
-            Ok(tree) => {
-                let (broken, unchecked) = tree.tally();
-                CheckResult {
-                    image: text.clone(),
-                    healthy: broken == 0 && unchecked == 0,
-                    broken,
-                    unchecked,
-                    error: None,
-                    tree: Some(tree),
-                }
-            }
-            Err(e) => CheckResult {
-                image: text.clone(),
-                healthy: false,
-                broken: 0,
-                unchecked: 1,
-                error: Some(if e.contains("unreachable") && !insecure {
-                    format!("{e} ({INSECURE_HINT})")
-                } else {
-                    e
-                }),
-                tree: None,
-            },
-        });
-    }
-    out
 }

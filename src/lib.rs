@@ -13,6 +13,7 @@ pub mod admin;
 pub mod body;
 pub mod budget;
 pub mod checker;
+pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod error;

@@ -23,16 +23,19 @@ enum Command {
     /// key of the --config TOML file; flags beat the environment, which beats the file.
     Serve(Box<ServeArgs>),
     /// Scan a whole registry once: every tag of every repository, index children, and each
-    /// image's config and layers. Exit 0: healthy; 1: broken references found; 2: could not scan.
+    /// image's config and layers. Exit 0: healthy; 1: broken references found; 2: could not
+    /// scan (the message says why and what to do).
     Scan(ScanArgs),
     /// Check images deeply (index -> children -> config and layers, sizes and digests) and print
-    /// a tree with each platform and what is missing. Exit 0: healthy; 1: broken; 2: could not check.
+    /// a tree with each platform and what is missing. Exit 0: healthy; 1: broken; 2: not found,
+    /// or could not check (the message says why and what to do).
     Check(CheckArgs),
 }
 
 #[derive(Debug, clap::Args)]
 struct CheckArgs {
-    /// Images, e.g. registry.example:5050/infra-ci:latest or host:port/repo@sha256:...
+    /// Images as people paste them: registry.example:5050/infra-ci:latest,
+    /// https://host/repo@sha256:..., http://host:port/repo:tag, host/repo (tag latest).
     #[arg(required = true, value_name = "REF")]
     refs: Vec<String>,
     #[command(flatten)]
@@ -58,7 +61,9 @@ struct ScanArgs {
 #[derive(Debug, clap::Args)]
 struct Access {
     /// Credentials as USER:PASSWORD (also REGGUARD_USER / REGGUARD_PASSWORD; else the docker
-    /// config file's `auths`, from $DOCKER_CONFIG or ~/.docker/config.json).
+    /// config file, $DOCKER_CONFIG/config.json or ~/.docker/config.json: its `credHelpers`,
+    /// `credsStore` or `auths` entry for the registry's host). Registries with token auth
+    /// (`WWW-Authenticate: Bearer`) get a token with these credentials, or anonymously.
     #[arg(long, value_name = "USER:PASSWORD")]
     user: Option<String>,
     /// Output format.
@@ -145,24 +150,25 @@ fn check(args: CheckArgs) -> ExitCode {
     let refs = match args
         .refs
         .iter()
-        .map(|r| regguard::inspect::ImageRef::parse(r).map(|p| (r.clone(), p)))
+        .map(|r| regguard::cli::reference::ImageRef::parse(r))
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(r) => r,
         Err(e) => return cannot("check", &e),
     };
-    let credentials = match regguard::inspect::Credentials::from_cli(args.access.user.as_deref()) {
-        Ok(c) => c,
-        Err(e) => return cannot("check", &e),
-    };
+    let credentials =
+        match regguard::cli::credentials::Credentials::from_cli(args.access.user.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return cannot("check", &e),
+        };
     let runtime = match cli_runtime() {
         Ok(rt) => rt,
         Err(e) => return cannot("check", &e),
     };
-    let results = runtime.block_on(regguard::inspect::check_all(
+    let results = runtime.block_on(regguard::cli::check::check_all(
         &refs,
         args.access.insecure,
-        |host| credentials.for_host(host),
+        &credentials,
     ));
     for r in &results {
         if let Some(e) = &r.error {
@@ -181,33 +187,25 @@ fn check(args: CheckArgs) -> ExitCode {
 }
 
 fn scan(args: ScanArgs) -> ExitCode {
-    if args.registry.starts_with("http://") && !args.access.insecure {
-        return cannot("scan", "refusing plain HTTP without --insecure (credentials and results would cross the network in clear text)");
-    }
-    let credentials = match regguard::inspect::Credentials::from_cli(args.access.user.as_deref()) {
-        Ok(c) => c,
-        Err(e) => return cannot("scan", &e),
-    };
-    let host = args
-        .registry
-        .split("://")
-        .nth(1)
-        .unwrap_or("")
-        .trim_end_matches('/');
+    let credentials =
+        match regguard::cli::credentials::Credentials::from_cli(args.access.user.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return cannot("scan", &e),
+        };
     let runtime = match cli_runtime() {
         Ok(rt) => rt,
         Err(e) => return cannot("scan", &e),
     };
-    let result = runtime.block_on(regguard::scan::scan_once(
+    let result = runtime.block_on(regguard::cli::scan::scan_registry(
         &args.registry,
         args.access.insecure,
-        credentials.for_host(host),
+        &credentials,
         args.page_size,
         args.concurrency,
     ));
     let result = match result {
         Ok(r) => r,
-        Err(e) => return cannot("scan", &e),
+        Err(e) => return cannot("scan", &format!("{}: {e}", args.registry)),
     };
     if let Err(e) = report(args.access.format, &result, || result.render_text()) {
         return cannot("scan", &e);

@@ -54,6 +54,43 @@ pub struct ScanReport {
     pub broken_references: usize,
     pub errors: usize,
     pub duration_seconds: f64,
+    /// What the first errors were (at most [`MAX_PROBLEMS`]), for the CLI's report.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+/// Errors a report spells out; the rest are only counted.
+pub const MAX_PROBLEMS: usize = 10;
+
+impl ScanReport {
+    fn problem(&mut self, what: String) {
+        self.errors += 1;
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(what);
+        }
+    }
+}
+
+/// Credentials per scope (`registry:catalog:*`, `repository:<name>:pull`), for registries
+/// with token auth: the CLI's token flow plugs in here, the scanner never names it.
+pub trait ScanAuth: Send + Sync {
+    fn authorization<'a>(
+        &'a self,
+        scope: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<HeaderValue>> + Send + 'a>>;
+}
+
+/// The token scope a scan request needs.
+fn scope_of(path: &str) -> String {
+    let rest = path.strip_prefix("/v2/").unwrap_or(path);
+    if rest.starts_with("_catalog") {
+        return "registry:catalog:*".into();
+    }
+    let repo = ["/tags/list", "/manifests/"]
+        .iter()
+        .find_map(|m| rest.split_once(m).map(|(r, _)| r))
+        .unwrap_or(rest);
+    format!("repository:{repo}:pull")
 }
 
 struct ScanMetrics {
@@ -76,6 +113,8 @@ pub struct Scanner {
     pacer: Mutex<Instant>,
     /// A terminal progress bar (CLI on a TTY only).
     progress: Option<indicatif::ProgressBar>,
+    /// Credentials per scope (CLI with token auth); else `settings.auth` for everything.
+    auth_source: Option<Arc<dyn ScanAuth>>,
 }
 
 fn probe_gauge(
@@ -155,6 +194,7 @@ impl Scanner {
             metrics,
             pacer: Mutex::new(Instant::now()),
             progress: None,
+            auth_source: None,
         })
     }
 
@@ -162,6 +202,19 @@ impl Scanner {
     pub fn with_progress(mut self, bar: indicatif::ProgressBar) -> Self {
         self.progress = Some(bar);
         self
+    }
+
+    /// Asks `source` for the credentials of each request, by scope.
+    pub fn with_auth_source(mut self, source: Arc<dyn ScanAuth>) -> Self {
+        self.auth_source = Some(source);
+        self
+    }
+
+    async fn auth_for(&self, scope: &str) -> Option<HeaderValue> {
+        match &self.auth_source {
+            Some(s) => s.authorization(scope).await,
+            None => self.settings.auth.clone(),
+        }
     }
 
     /// Runs scans every `interval`, forever.
@@ -215,8 +268,8 @@ impl Scanner {
             req.headers_mut()
                 .insert(header::ACCEPT, HeaderValue::from_static(a));
         }
-        if let Some(a) = &self.settings.auth {
-            req.headers_mut().insert(header::AUTHORIZATION, a.clone());
+        if let Some(a) = self.auth_for(&scope_of(path_and_query)).await {
+            req.headers_mut().insert(header::AUTHORIZATION, a);
         }
         // One deadline for the whole exchange, head and body: a registry that answers
         // the head and then stalls the body must not hold a scan slot forever.
@@ -287,7 +340,7 @@ impl Scanner {
             Err(e) => {
                 tracing::warn!(error = %e, "scan: cannot read the catalog");
                 self.metrics.errors.inc();
-                report.errors += 1;
+                report.problem(format!("cannot read the catalog: {e}"));
                 report.duration_seconds = started.elapsed().as_secs_f64();
                 self.finish(&report, started);
                 return report;
@@ -306,7 +359,7 @@ impl Scanner {
                 Err(e) => {
                     tracing::warn!(repository = %repo, error = %e, "scan: cannot list tags");
                     self.metrics.errors.inc();
-                    report.errors += 1;
+                    report.problem(format!("{repo}: cannot list tags: {e}"));
                     continue;
                 }
             };
@@ -338,9 +391,14 @@ impl Scanner {
                     report.broken_references += broken;
                     report.broken_tags += usize::from(broken > 0);
                 }
-                Ok(TagResult::Failed) | Err(_) => {
+                Ok(TagResult::Failed(why)) => {
                     report.tags += 1;
-                    report.errors += 1;
+                    report.problem(why);
+                    self.metrics.errors.inc();
+                }
+                Err(e) => {
+                    report.tags += 1;
+                    report.problem(format!("a tag check stopped: {e}"));
                     self.metrics.errors.inc();
                 }
             }
@@ -373,7 +431,7 @@ impl Scanner {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(repository = repo, tag, error = %e, "scan: cannot read manifest");
-                return TagResult::Failed;
+                return TagResult::Failed(format!("{repo}:{tag}: {e}"));
             }
         };
         if status != StatusCode::OK {
@@ -383,7 +441,7 @@ impl Scanner {
                 status = status.as_u16(),
                 "scan: manifest by tag not served"
             );
-            return TagResult::Failed;
+            return TagResult::Failed(format!("{repo}:{tag}: GET {path}: {status}"));
         }
         let kind = headers
             .get(header::CONTENT_TYPE)
@@ -406,13 +464,13 @@ impl Scanner {
             body: Some(body),
             held: None,
             kind,
-            auth: self.settings.auth.clone(),
+            auth: self.auth_for(&format!("repository:{repo}:pull")).await,
             seen_at: Instant::now(),
             blobs: self.settings.blobs,
         };
         let summary = self.inspector.validate(job).await;
         match summary.result {
-            "error" => TagResult::Failed,
+            "error" => TagResult::Failed(format!("{repo}:{tag}: could not be checked")),
             _ => TagResult::Checked {
                 index: kind == ManifestKind::Index,
                 broken: summary.broken,
@@ -422,8 +480,12 @@ impl Scanner {
 }
 
 enum TagResult {
-    Checked { index: bool, broken: usize },
-    Failed,
+    Checked {
+        index: bool,
+        broken: usize,
+    },
+    /// Why, in words for the report.
+    Failed(String),
 }
 
 /// Total deadline of one request the scan makes (listing page or manifest).
@@ -487,46 +549,12 @@ pub struct OnceResult {
     pub broken: Vec<crate::integrity::BrokenRef>,
 }
 
-impl OnceResult {
-    /// The summary and every broken reference, for people.
-    pub fn render_text(&self) -> String {
-        let r = &self.report;
-        let mut out = format!(
-            "registry        {}\ncatalog         {}\nrepositories    {}\ntags            {}\nindexes         {}\nbroken refs     {}\nerrors          {}\ntook            {:.1}s\n",
-            self.registry,
-            if r.catalog_accessible { "readable" } else { "NOT readable" },
-            r.repositories,
-            r.tags,
-            r.indexes,
-            r.broken_references,
-            r.errors,
-            r.duration_seconds
-        );
-        for b in &self.broken {
-            out.push_str(&format!(
-                "BROKEN {}:{} index {} -> {} {} ({}): {}\n",
-                b.repository,
-                b.reference,
-                b.index_digest,
-                b.kind.as_str(),
-                b.child_digest,
-                if b.platform.is_empty() {
-                    "-"
-                } else {
-                    &b.platform
-                },
-                b.upstream_said
-            ));
-        }
-        out
-    }
-}
-
 /// One scan of `registry` (an `http://` or `https://` URL) outside `serve`, for the CLI.
 pub async fn scan_once(
     registry: &str,
     insecure: bool,
     auth: Option<HeaderValue>,
+    auth_source: Option<Arc<dyn ScanAuth>>,
     page_size: u32,
     concurrency: usize,
 ) -> Result<OnceResult, String> {
@@ -577,8 +605,12 @@ pub async fn scan_once(
         "cli",
     )
     .map_err(|e| e.to_string())?;
-    let scanner = Arc::new(match bar {
+    let scanner = match bar {
         Some(bar) => scanner.with_progress(bar),
+        None => scanner,
+    };
+    let scanner = Arc::new(match auth_source {
+        Some(source) => scanner.with_auth_source(source),
         None => scanner,
     });
     let report = scanner.scan().await;

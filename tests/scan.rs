@@ -210,13 +210,22 @@ fn cli_scan(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_regguard"))
         .arg("scan")
         .args(args)
+        .env_remove("REGGUARD_USER")
+        .env_remove("REGGUARD_PASSWORD")
+        .env_remove("REGGUARD_REGISTRY")
+        .env_remove("DOCKER_CONFIG")
+        .env("HOME", "/nonexistent")
         .output()
         .unwrap();
-    (
-        out.status.code(),
+    let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    );
+    assert!(
+        !stdout.contains("upstream") && !stderr.contains("upstream"),
+        "the CLI says `registry`, never `upstream`:\n{stdout}{stderr}"
+    );
+    (out.status.code(), stdout, stderr)
 }
 
 #[test]
@@ -241,11 +250,67 @@ fn scan_command_exits_0_healthy_1_broken_2_unreachable() {
 
     let closed = common::ClosedPort::reserve();
     let dead = closed.url();
-    let (code, _, _) = cli_scan(&["--registry", &dead, "--insecure"]);
+    let (code, _, err) = cli_scan(&["--registry", &dead, "--insecure"]);
     assert_eq!(code, Some(2));
+    assert!(err.contains("connection refused"), "{err}");
     let (code, _, err) = cli_scan(&["--registry", &url]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--insecure"), "{err}");
+    // https:// against the plain-HTTP port: the TLS failure and the fix.
+    let (code, _, err) = cli_scan(&["--registry", &url.replace("http://", "https://")]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("does not speak TLS") && err.contains(&format!("use {url} with --insecure")),
+        "{err}"
+    );
+    let (code, _, err) = cli_scan(&["--registry", "https://nosuch.invalid:5000"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot resolve `nosuch.invalid`"), "{err}");
+}
+
+#[test]
+fn scan_command_says_why_it_cannot_scan_and_how_to_repair() {
+    let reg = Registry::start_with(RegistryOptions {
+        auth: Some(("scanner".into(), "pw".into())),
+    });
+    let auth = [("authorization", "Basic c2Nhbm5lcjpwdw==")]; // scanner:pw
+    let img = oci::multi_arch("scan-says");
+    oci::push_multi_arch(&reg.url(), "att/app", "v1", &img, &auth);
+    let attestation = img.attestations[1].manifest.digest.clone(); // describes linux/arm64
+    reg.remove_revision_link("att/app", &attestation);
+    let url = reg.url();
+
+    let (code, out, err) = cli_scan(&["--registry", &url, "--insecure"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains("401 Unauthorized from GET /v2/")
+            && err.contains("no credentials were sent")
+            && err.contains("--user USER:PASSWORD"),
+        "{err}"
+    );
+    let (code, _, err) = cli_scan(&["--registry", &url, "--insecure", "--user", "scanner:nope"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("sent user `scanner` (from --user), and the registry refused it"),
+        "{err}"
+    );
+    let (code, _, err) = cli_scan(&["--registry", &url, "--insecure", "--user", "scanner"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("expected USER:PASSWORD"), "{err}");
+
+    let (code, out, err) = cli_scan(&["--registry", &url, "--insecure", "--user", "scanner:pw"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let line = out.lines().position(|l| l.starts_with("BROKEN ")).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[line].contains(&attestation) && lines[line].contains("(attestation for linux/arm64)"),
+        "{out}"
+    );
+    assert!(
+        lines[line + 1].trim_start().starts_with("repair: push ")
+            && lines[line + 1].contains("--preserve-digests"),
+        "{out}"
+    );
 }
 
 #[test]
