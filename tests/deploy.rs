@@ -227,3 +227,171 @@ fn compose_kubernetes_and_systemd_files_parse_and_agree_with_regguard() {
     }
     regguard::config::Settings::from_toml(&read("nginx-compat/regguard.toml")).unwrap();
 }
+
+/// Runs `deploy/demo.sh ARGS` with the test's ports, state file and regguard binary.
+struct Demo {
+    state: tempfile::TempDir,
+    ports: [u16; 3],
+}
+
+impl Demo {
+    fn new() -> Self {
+        // Three ports the kernel just handed out, released for the demo to bind.
+        let listeners: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ports = [0, 1, 2].map(|i| listeners[i].local_addr().unwrap().port());
+        Demo {
+            state: tempfile::tempdir().unwrap(),
+            ports,
+        }
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.state.path().join("demo.state")
+    }
+
+    fn run(&self, arg: &str) -> String {
+        let out = Command::new(repo_file("deploy/demo.sh"))
+            .arg(arg)
+            .env("REGGUARD_BIN", env!("CARGO_BIN_EXE_regguard"))
+            .env("DEMO_STATE", self.state_file())
+            .env("DEMO_REGISTRY_PORT", self.ports[0].to_string())
+            .env("DEMO_PORT", self.ports[1].to_string())
+            .env("DEMO_ADMIN_PORT", self.ports[2].to_string())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "demo.sh {arg} failed:\n{text}");
+        text
+    }
+
+    /// `key=value` from the state file of the running demo.
+    fn state(&self, key: &str) -> String {
+        let text = std::fs::read_to_string(self.state_file()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in the state file:\n{text}"))
+            .trim_matches('"')
+            .to_string()
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if self.state_file().exists() {
+            let _ = Command::new(repo_file("deploy/demo.sh"))
+                .arg("stop")
+                .env("DEMO_STATE", self.state_file())
+                .output();
+        }
+    }
+}
+
+/// The value after `registry_manifest_integrity_failures{...}` on a metrics line in `text`.
+fn printed_gauge(text: &str) -> Option<f64> {
+    text.lines()
+        .rev()
+        .filter_map(|l| {
+            l.trim_start_matches([' ', '|'])
+                .strip_prefix("registry_manifest_integrity_failures{")
+        })
+        .find_map(|rest| rest.rsplit_once(' ')?.1.parse().ok())
+}
+
+#[test]
+fn demo_starts_shows_the_incident_heals_and_stops_clean() {
+    require_tool("docker-registry", "docker-registry");
+    require_tool("skopeo", "skopeo");
+    // The README's first two commands are the entry points; they stay as they are.
+    let readme = read("README.md");
+    for line in [
+        "./deploy/demo.sh     # demo: registry + regguard + a sample multi-arch image; prints where the metrics are",
+        "./tests/run          # the whole test suite (installs docker-registry, skopeo, nginx-light, prometheus if missing)",
+    ] {
+        assert!(readme.contains(line), "README lost: {line}");
+    }
+
+    let demo = Demo::new();
+    let started = demo.run("start");
+    assert!(started.contains("regguard demo is up"), "{started}");
+    // The first scan ran after the sample push: it saw the one tag.
+    assert!(
+        started.contains("registry_manifest_integrity_tags_checked{instance=\"demo\"} 1"),
+        "{started}"
+    );
+    assert_eq!(printed_gauge(&started), Some(0.0), "{started}");
+    let pids: Vec<common::process::ProcInfo> = demo
+        .state("pids")
+        .split_whitespace()
+        .map(|p| common::process::ProcInfo::of(p.parse().unwrap()).unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    let work = PathBuf::from(demo.state("work"));
+    assert!(work.is_dir());
+    // Without DEMO_STATE, the state lives in the checkout, not at a fixed /tmp path.
+    assert!(read("deploy/demo.sh")
+        .contains(r#"state="${DEMO_STATE:-$PWD/target/regguard-demo.state}""#));
+    let child = demo.state("child");
+    assert!(child.starts_with("sha256:") && child.len() == 71, "{child}");
+
+    let incident = demo.run("incident");
+    // The broken child is named in every view: the pull's error, the info series, /integrity
+    // and the WARN log line.
+    assert!(
+        incident.contains(&format!("reading manifest {child}"))
+            && incident.contains("manifest unknown"),
+        "the failing pull's error is not shown:\n{incident}"
+    );
+    assert!(
+        incident.contains(&format!(
+            "regguard_broken_reference_info{{child_digest=\"{child}\""
+        )),
+        "{incident}"
+    );
+    assert!(
+        incident.contains(&format!("\"child_digest\": \"{child}\"")),
+        "the /integrity entry is not shown:\n{incident}"
+    );
+    assert!(
+        incident.lines().any(|l| l.contains(" WARN ")
+            && l.contains(&child)
+            && l.contains("platform=linux/amd64")),
+        "the WARN line is not shown:\n{incident}"
+    );
+    let gauge = printed_gauge(&incident).expect("the gauge is printed");
+    assert!(gauge >= 1.0, "{incident}");
+    assert!(incident.contains("0 -> 1"), "{incident}");
+    // The handful of lines, not hundreds of zeros.
+    let metric_lines = incident
+        .lines()
+        .filter(|l| {
+            l.trim_start_matches([' ', '|']).starts_with("regguard_")
+                || l.trim_start_matches([' ', '|']).starts_with("registry_")
+        })
+        .count();
+    assert!(metric_lines <= 6, "{incident}");
+
+    let healed = demo.run("heal");
+    assert_eq!(printed_gauge(&healed), Some(0.0), "{healed}");
+
+    let stopped = demo.run("stop");
+    for p in &pids {
+        assert!(
+            stopped.contains(&format!("stopped pid {}", p.pid)),
+            "{stopped}"
+        );
+        poll_until(
+            Duration::from_secs(10),
+            "the demo's processes to end",
+            || (!p.is_alive()).then_some(()),
+        );
+    }
+    assert!(!work.exists(), "stop left {} behind", work.display());
+    assert!(!demo.state_file().exists(), "stop left its state file");
+}
