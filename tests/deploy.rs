@@ -395,3 +395,62 @@ fn demo_starts_shows_the_incident_heals_and_stops_clean() {
     assert!(!work.exists(), "stop left {} behind", work.display());
     assert!(!demo.state_file().exists(), "stop left its state file");
 }
+
+/// The alert names defined in the rules file, in order.
+fn alert_names() -> Vec<String> {
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&read("deploy/prometheus/regguard-alerts.yml")).unwrap();
+    rules["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap())
+        .map(|r| r["alert"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The text of README section `heading`, up to the next heading of any level (a `#` line
+/// inside a code block is not a heading).
+fn readme_section(heading: &str) -> String {
+    let readme = read("README.md");
+    let mut lines = readme.lines().skip_while(|l| *l != heading);
+    assert!(lines.next().is_some(), "README has no {heading}");
+    let mut out = String::new();
+    let mut in_code = false;
+    for line in lines {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        } else if !in_code && line.starts_with('#') {
+            break;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn readme_alerts_are_the_rules_file_and_the_runbook_covers_every_alert() {
+    let file = read("deploy/prometheus/regguard-alerts.yml");
+    let section = readme_section("### Alerts");
+    let block = section
+        .split_once("```yaml\n")
+        .and_then(|(_, rest)| rest.split_once("```\n"))
+        .map(|(b, _)| b)
+        .expect("a yaml block under ### Alerts");
+    assert!(
+        block == file,
+        "README's alert rules differ from deploy/prometheus/regguard-alerts.yml; paste the file in"
+    );
+
+    // Every alert has a runbook row, and every runbook row is an alert that exists.
+    let runbook = readme_section("### What fires, and what to do (runbook)");
+    let rows: BTreeSet<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`'))
+        .map(|(name, _)| name.to_string())
+        .collect();
+    let alerts: BTreeSet<String> = alert_names().into_iter().collect();
+    assert_eq!(rows, alerts, "runbook rows vs. alerts in the rules file");
+}
