@@ -171,20 +171,68 @@ fn dockerfile_builds_from_files_that_exist_and_runs_as_non_root() {
     regguard::config::Settings::from_toml(&read("deploy/regguard.toml")).unwrap();
 }
 
+/// True when an image reference names an exact release: a tag with a version of three
+/// numbers (`2.8.3`, `1.95.0-bookworm`) or a date (`bookworm-20250630-slim`), or a digest.
+fn pinned(image: &str) -> bool {
+    if image.contains("@sha256:") {
+        return true;
+    }
+    let Some((_, tag)) = image.rsplit_once(':') else {
+        return false;
+    };
+    let dotted = tag
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .any(|w| w.split('.').count() == 3 && w.split('.').all(|n| !n.is_empty()));
+    let dated = tag
+        .split(|c: char| !c.is_ascii_digit())
+        .any(|w| w.len() == 8);
+    dotted || dated
+}
+
+/// The Dockerfile's `HEALTHCHECK ... CMD [...]`, as its argument vector.
+fn dockerfile_healthcheck() -> Vec<String> {
+    let text = read("deploy/Dockerfile").replace("\\\n", " ");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("HEALTHCHECK "))
+        .expect("a HEALTHCHECK");
+    let json = &line[line.find("CMD [").expect("exec-form CMD") + 4..];
+    serde_json::from_str(json).unwrap()
+}
+
+/// Every `key: value` of `sub` is in `labels`.
+fn selects(sub: &serde_yaml::Value, labels: &serde_yaml::Value) -> bool {
+    let sub = sub.as_mapping().expect("a label map");
+    !sub.is_empty() && sub.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 #[test]
-fn compose_kubernetes_and_systemd_files_parse_and_agree_with_regguard() {
+fn dockerfile_and_compose_pin_images_publish_admin_on_loopback_and_health_checks_work() {
+    for line in read("deploy/Dockerfile").lines() {
+        if let Some(from) = line.strip_prefix("FROM ") {
+            let image = from.split_whitespace().next().unwrap();
+            assert!(pinned(image), "Dockerfile: {image} is not pinned");
+        }
+    }
     let compose: serde_yaml::Value =
         serde_yaml::from_str(&read("deploy/docker-compose.yml")).unwrap();
+    let services = compose["services"].as_mapping().unwrap();
+    for (name, svc) in services {
+        let image = svc["image"].as_str().unwrap_or_default();
+        assert!(
+            pinned(image),
+            "compose: {name:?} image {image:?} is not pinned"
+        );
+        assert!(
+            svc["healthcheck"]["test"].is_sequence(),
+            "compose: {name:?} has no healthcheck"
+        );
+    }
     let rg = &compose["services"]["regguard"];
     let context = repo_file("deploy").join(rg["build"]["context"].as_str().unwrap());
     assert!(context
         .join(rg["build"]["dockerfile"].as_str().unwrap())
         .exists());
-    assert!(rg["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .any(|p| p.as_str() == Some("5050:5050")));
     for v in rg["volumes"].as_sequence().unwrap() {
         let host = v.as_str().unwrap().split(':').next().unwrap();
         if host.starts_with('.') {
@@ -194,27 +242,166 @@ fn compose_kubernetes_and_systemd_files_parse_and_agree_with_regguard() {
             );
         }
     }
-    assert!(compose["services"]["registry-private"].is_mapping());
+    assert_eq!(
+        rg["depends_on"]["registry-private"]["condition"],
+        "service_healthy"
+    );
+    let ports: Vec<&str> = rg["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(ports.contains(&"5050:5050"), "{ports:?}");
+    for p in ports.iter().filter(|p| p.contains("9090")) {
+        assert!(
+            p.starts_with("127.0.0.1:"),
+            "the admin port is published beyond loopback: {p}"
+        );
+    }
+    assert!(ports.iter().any(|p| p.ends_with(":9090")), "{ports:?}");
 
+    // One health check, in the image and in compose.
+    let check = dockerfile_healthcheck();
+    let compose_check: Vec<String> = rg["healthcheck"]["test"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(compose_check[0], "CMD");
+    assert_eq!(compose_check[1..], check[..]);
+    assert_eq!(check[..2], ["bash", "-c"]);
+    assert!(check[2].contains("/dev/tcp/127.0.0.1/9090"));
+
+    // And it works: healthy against a running regguard's admin port, unhealthy once it is gone.
+    let reg = Registry::start();
+    let mut proxy = Regguard::start(&reg.url());
+    let script = check[2].replace(
+        "/dev/tcp/127.0.0.1/9090",
+        &format!("/dev/tcp/127.0.0.1/{}", proxy.admin.port()),
+    );
+    let run = || {
+        Command::new("bash")
+            .args(["-c", &script])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(run(), "the health check fails against a healthy regguard");
+    proxy.proc.stop();
+    assert!(!run(), "the health check passes with regguard stopped");
+}
+
+#[test]
+fn kubernetes_scans_once_per_registry_with_probes_admin_service_monitor_and_budget() {
     let docs: Vec<serde_yaml::Value> =
         serde_yaml::Deserializer::from_str(&read("deploy/kubernetes/regguard.yaml"))
             .map(|d| serde::Deserialize::deserialize(d).unwrap())
             .collect();
-    let kind = |k: &str| {
+    let get = |kind: &str, name: &str| {
         docs.iter()
-            .find(|d| d["kind"] == k)
-            .unwrap_or_else(|| panic!("no {k}"))
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
     };
-    let container = &kind("Deployment")["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert!(kind("Deployment")["spec"]["replicas"].as_u64().unwrap() >= 2);
-    let toml = kind("ConfigMap")["data"]["regguard.toml"].as_str().unwrap();
+    let toml = get("ConfigMap", "regguard")["data"]["regguard.toml"]
+        .as_str()
+        .unwrap();
     let s = regguard::config::Settings::from_toml(toml).unwrap();
     assert_eq!(s.admin_listen.port(), 9090);
     assert_eq!(s.listen.port(), 5050);
-    assert_eq!(kind("Service")["spec"]["ports"][0]["port"], 5050);
+    assert!(!s.scan.enabled, "the shared config must leave the scan off");
 
+    let serve = get("Deployment", "regguard");
+    let scan = get("Deployment", "regguard-scan");
+    let env_of = |d: &serde_yaml::Value, name: &str| {
+        d["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].as_str().unwrap_or_default().to_string())
+    };
+    for d in [serve, scan] {
+        let name = d["metadata"]["name"].as_str().unwrap();
+        let tmpl_labels = &d["spec"]["template"]["metadata"]["labels"];
+        assert!(
+            selects(&d["spec"]["selector"]["matchLabels"], tmpl_labels),
+            "{name}: selector does not match its pods"
+        );
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert!(
+            pinned(c["image"].as_str().unwrap()),
+            "{name}: image not pinned"
+        );
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{name}");
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{name}");
+        for probe in ["livenessProbe", "readinessProbe"] {
+            assert_eq!(c[probe]["httpGet"]["port"], "admin", "{name} {probe}");
+        }
+        assert!(
+            c["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "admin" && p["containerPort"] == 9090),
+            "{name}: no admin port 9090"
+        );
+    }
+    // The scan runs once per registry: one replica, never two during a rollout, and the
+    // serving replicas leave it off.
+    assert!(serve["spec"]["replicas"].as_u64().unwrap() >= 2);
+    assert_eq!(env_of(serve, "REGGUARD_SCAN_ENABLED"), None);
+    assert_eq!(scan["spec"]["replicas"], 1);
+    assert_eq!(scan["spec"]["strategy"]["type"], "Recreate");
+    assert_eq!(
+        env_of(scan, "REGGUARD_SCAN_ENABLED").as_deref(),
+        Some("true")
+    );
+    let serve_pods = &serve["spec"]["template"]["metadata"]["labels"];
+    let scan_pods = &scan["spec"]["template"]["metadata"]["labels"];
+
+    // Clients reach the serving replicas only.
+    let svc = get("Service", "regguard");
+    assert!(selects(&svc["spec"]["selector"], serve_pods));
+    assert!(!selects(&svc["spec"]["selector"], scan_pods));
+    assert_eq!(svc["spec"]["ports"][0]["port"], 5050);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "registry");
+
+    // Prometheus scrapes every pod's admin port, the scanner's included.
+    let admin = get("Service", "regguard-admin");
+    assert!(selects(&admin["spec"]["selector"], serve_pods));
+    assert!(selects(&admin["spec"]["selector"], scan_pods));
+    let admin_port = &admin["spec"]["ports"][0];
+    assert_eq!(admin_port["port"], 9090);
+    assert_eq!(admin_port["targetPort"], "admin");
+    let sm = get("ServiceMonitor", "regguard");
+    assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+    assert!(selects(
+        &sm["spec"]["selector"]["matchLabels"],
+        &admin["metadata"]["labels"]
+    ));
+    assert!(
+        !selects(
+            &sm["spec"]["selector"]["matchLabels"],
+            &svc["metadata"]["labels"]
+        ),
+        "the ServiceMonitor would also scrape the client Service"
+    );
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], admin_port["name"]);
+    assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+
+    // A drain keeps a serving replica up, and can still proceed.
+    let pdb = get("PodDisruptionBudget", "regguard");
+    assert_eq!(pdb["apiVersion"], "policy/v1");
+    assert!(selects(&pdb["spec"]["selector"]["matchLabels"], serve_pods));
+    let min = pdb["spec"]["minAvailable"].as_u64().unwrap();
+    assert!(min >= 1 && min < serve["spec"]["replicas"].as_u64().unwrap());
+}
+
+#[test]
+fn systemd_unit_documentation_is_what_install_sh_installs() {
     let unit = read("deploy/systemd/regguard.service");
     for needed in [
         "ExecStart=/usr/local/bin/regguard serve",
@@ -225,6 +412,45 @@ fn compose_kubernetes_and_systemd_files_parse_and_agree_with_regguard() {
     ] {
         assert!(unit.contains(needed), "unit lacks {needed}");
     }
+    let dest = tempfile::tempdir().unwrap();
+    let out = Command::new(repo_file("deploy/systemd/install.sh"))
+        .env("DESTDIR", dest.path())
+        .env("BIN", env!("CARGO_BIN_EXE_regguard"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "install.sh: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let installed = |abs: &str| dest.path().join(abs.trim_start_matches('/'));
+    let docs: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Documentation="))
+        .flat_map(str::split_whitespace)
+        .collect();
+    assert!(!docs.is_empty(), "no Documentation=");
+    for doc in docs {
+        let path = doc
+            .strip_prefix("file://")
+            .unwrap_or_else(|| panic!("Documentation={doc} is not a file install.sh ships"));
+        assert!(
+            installed(path).is_file(),
+            "Documentation={doc} is not installed"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(installed("/etc/systemd/system/regguard.service")).unwrap(),
+        unit
+    );
+    assert!(installed("/usr/local/bin/regguard").is_file());
+    regguard::config::Settings::from_toml(
+        &std::fs::read_to_string(installed("/etc/regguard/regguard.toml")).unwrap(),
+    )
+    .unwrap();
+    // The container image carries the same guide at the same place.
+    assert!(read("deploy/Dockerfile").contains("COPY README.md /usr/share/doc/regguard/README.md"));
     regguard::config::Settings::from_toml(&read("nginx-compat/regguard.toml")).unwrap();
 }
 
