@@ -680,3 +680,144 @@ fn readme_alerts_are_the_rules_file_and_the_runbook_covers_every_alert() {
     let alerts: BTreeSet<String> = alert_names().into_iter().collect();
     assert_eq!(rows, alerts, "runbook rows vs. alerts in the rules file");
 }
+
+#[test]
+fn dashboard_filters_by_job_and_instance_and_shows_client_404s_beside_broken_references() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/regguard-dashboard.json")).unwrap();
+    let vars = dashboard["templating"]["list"].as_array().unwrap();
+    let var = |name: &str| {
+        vars.iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no ${name} variable"))
+    };
+    for name in ["job", "instance"] {
+        assert_eq!(var(name)["type"], "query", "${name}");
+        assert_eq!(var(name)["includeAll"], true, "${name}");
+    }
+    assert!(
+        var("instance")["definition"]
+            .as_str()
+            .unwrap()
+            .contains("$job"),
+        "$instance should list the instances of the chosen $job"
+    );
+
+    let panels = dashboard["panels"].as_array().unwrap();
+    let exprs: Vec<(&str, &str)> = panels
+        .iter()
+        .flat_map(|p| {
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |t| (p["title"].as_str().unwrap(), t["expr"].as_str().unwrap()))
+        })
+        .collect();
+    // Every metric selector is filtered by both variables.
+    for (title, expr) in &exprs {
+        for prefix in ["regguard_", "registry_manifest_integrity_"] {
+            for (i, _) in expr.match_indices(prefix) {
+                let rest = &expr[i..];
+                let name_end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                let selector = rest[name_end..]
+                    .strip_prefix('{')
+                    .and_then(|s| s.split_once('}'))
+                    .map(|(s, _)| s)
+                    .unwrap_or_else(|| panic!("{title}: `{expr}` has an unfiltered metric"));
+                assert!(
+                    selector.contains(r#"job=~"$job""#)
+                        && selector.contains(r#"instance=~"$instance""#),
+                    "{title}: `{expr}` is not filtered by $job and $instance"
+                );
+            }
+        }
+    }
+    // Panels do not overlap on the 24-column grid.
+    let boxes: Vec<(u64, u64, u64, u64, &str)> = panels
+        .iter()
+        .map(|p| {
+            let g = &p["gridPos"];
+            let n = |k: &str| g[k].as_u64().unwrap();
+            (n("x"), n("y"), n("w"), n("h"), p["title"].as_str().unwrap())
+        })
+        .collect();
+    for (i, a) in boxes.iter().enumerate() {
+        assert!(a.0 + a.2 <= 24, "{} is wider than the grid", a.4);
+        for b in &boxes[i + 1..] {
+            let apart =
+                a.0 + a.2 <= b.0 || b.0 + b.2 <= a.0 || a.1 + a.3 <= b.1 || b.1 + b.3 <= a.1;
+            assert!(apart, "{} overlaps {}", a.4, b.4);
+        }
+    }
+    // Client-visible 404s sit right beside the broken references table, and the registry's
+    // reachability is a stat at the top.
+    let find = |pred: &dyn Fn(&serde_json::Value) -> bool, what: &str| {
+        panels
+            .iter()
+            .find(|p| pred(p))
+            .unwrap_or_else(|| panic!("no panel for {what}"))
+    };
+    let uses = |p: &serde_json::Value, needle: &str| {
+        p["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["expr"].as_str().unwrap().contains(needle))
+    };
+    let table = find(
+        &|p| p["type"] == "table" && uses(p, "regguard_broken_reference_info"),
+        "broken references",
+    );
+    let client_404s = find(
+        &|p| {
+            p["type"] == "timeseries"
+                && uses(p, r#"regguard_client_not_found_total{referenced="true""#)
+        },
+        "client-visible 404s",
+    );
+    let (t, c) = (&table["gridPos"], &client_404s["gridPos"]);
+    assert_eq!(t["y"], c["y"], "not in the same row");
+    assert!(
+        t["x"].as_u64().unwrap() + t["w"].as_u64().unwrap() == c["x"].as_u64().unwrap()
+            || c["x"].as_u64().unwrap() + c["w"].as_u64().unwrap() == t["x"].as_u64().unwrap(),
+        "not side by side"
+    );
+    let reachable = find(
+        &|p| p["type"] == "stat" && uses(p, "regguard_upstream_up"),
+        "registry reachable",
+    );
+    assert_eq!(reachable["gridPos"]["y"], 0);
+    for metric in [
+        "regguard_background_task_up",
+        "regguard_manifest_bytes_held",
+    ] {
+        find(&|p| uses(p, metric), metric);
+    }
+
+    // Every expression is valid PromQL: promtool checks them as recording rules.
+    let promtool = require_tool("promtool", "prometheus");
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (_, expr)) in exprs.iter().enumerate() {
+        let expr = expr.replace("$job", ".*").replace("$instance", ".*");
+        rules.push_str(&format!(
+            "      - record: dashboard:expr{i}\n        expr: {}\n",
+            serde_json::to_string(&expr).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dashboard.yml"), rules).unwrap();
+    let check = Command::new(&promtool)
+        .args(["check", "rules", "dashboard.yml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
