@@ -247,7 +247,7 @@ rg_pid=$!
 pids="$rg_pid $reg_pid"
 image="127.0.0.1:$port/$repo:v1"
 save
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do
   curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null && break
   sleep 0.1
 done
@@ -255,7 +255,7 @@ curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null || {
   echo "regguard did not become ready; its log:" >&2; cat "$work/regguard.log" >&2; stop; exit 1
 }
 # Wait for the first scan to finish, so the gauges below describe the sample image.
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do
   metrics | grep -Eq '^registry_manifest_integrity_last_run_timestamp(\{[^}]*\})? [1-9]' && break
   sleep 0.1
 done
