@@ -1,29 +1,145 @@
 #!/usr/bin/env bash
 # regguard demo: a real registry (docker-registry 2.8) on 127.0.0.1:5000, regguard
 # in front of it on 127.0.0.1:5050 (admin/metrics on 127.0.0.1:9090), and a sample
-# multi-arch image (linux/amd64 + linux/arm64 + buildx-style attestations) pushed
-# and pulled through regguard with skopeo.
+# multi-arch image (linux/amd64 + linux/arm64 + buildx-style attestations).
 #
-#   deploy/demo.sh          start (installs docker-registry and skopeo if missing)
-#   deploy/demo.sh stop     stop what the last start started (by PID)
+#   deploy/demo.sh            start (installs docker-registry and skopeo if missing)
+#   deploy/demo.sh incident   break the sample's linux/amd64 child the way registry 2.8's
+#                             garbage-collect does, pull through regguard, show what it saw
+#   deploy/demo.sh heal       push the sample again (digests kept) and watch the gauge clear
+#   deploy/demo.sh stop       stop what start started (by PID) and remove its temp dir
 #
 # Ports: DEMO_REGISTRY_PORT (5000), DEMO_PORT (5050), DEMO_ADMIN_PORT (9090).
+# REGGUARD_BIN: a regguard binary to run instead of building one with cargo.
+# The state of a running demo is kept in this checkout (target/regguard-demo.state, or
+# DEMO_STATE), so two checkouts can each run a demo on their own ports.
 set -euo pipefail
+here=$PWD
 cd "$(dirname "$0")/.."
-state=/tmp/regguard-demo.state
-reg_port=${DEMO_REGISTRY_PORT:-5000}
-port=${DEMO_PORT:-5050}
-admin_port=${DEMO_ADMIN_PORT:-9090}
+state="${DEMO_STATE:-$PWD/target/regguard-demo.state}"
+repo=demo/app
+
+# True while PID runs (a zombie or a gone PID is not running).
+running() {
+  local s
+  s=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [ -n "$s" ] && [ "$s" != Z ]
+}
 
 stop() {
   [ -f "$state" ] || { echo "nothing to stop"; return 0; }
   # shellcheck disable=SC1090
   . "$state"
-  for pid in ${pids:-}; do kill "$pid" 2>/dev/null && echo "stopped pid $pid" || true; done
+  for pid in ${pids:-}; do
+    # Only what this demo started: the PID must still be a regguard or a docker-registry.
+    case "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" in
+      *regguard*serve* | *docker-registry*serve*) ;;
+      *) continue ;;
+    esac
+    kill "$pid" 2>/dev/null || continue
+    for _ in $(seq 1 100); do running "$pid" || break; sleep 0.1; done
+    if running "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+    echo "stopped pid $pid"
+  done
+  case "${work:-}" in
+    /tmp/regguard-demo.*) rm -rf "$work" && echo "removed $work" ;;
+  esac
   rm -f "$state"
 }
 
-if [ "${1:-}" = stop ]; then stop; exit 0; fi
+load() {
+  if [ ! -f "$state" ]; then
+    echo "no demo is running in this checkout; start one with ./deploy/demo.sh" >&2
+    exit 1
+  fi
+  # shellcheck disable=SC1090
+  . "$state"
+}
+
+metrics() { curl -s "http://127.0.0.1:$admin_port/metrics"; }
+gauge() { metrics | awk '/^registry_manifest_integrity_failures[{ ]/ {print $NF}'; }
+# The handful of lines that tell the integrity story (not the hundreds of zero counters).
+integrity_lines() {
+  metrics | grep -E '^(registry_manifest_integrity_failures|regguard_broken_reference_info|regguard_client_not_found_total\{[^}]*referenced="true")' | grep -v '_total{[^}]*} 0$' || true
+}
+
+incident() {
+  load
+  local hex=${child#sha256:}
+  local link="$work/storage/docker/registry/v2/repositories/$repo/_manifests/revisions/sha256/$hex/link"
+  local before
+  before=$(gauge)
+  echo "== 1. Break the image the way registry 2.8's garbage-collect --delete-untagged does"
+  echo "   the linux/amd64 child $child loses its revision link (its bytes stay on disk):"
+  echo "   rm $link"
+  if [ -f "$link" ]; then rm -f "$link"; else echo "   (already gone: the image is broken already)"; fi
+  local by_tag by_digest
+  by_tag=$(curl -s -o /dev/null -w '%{http_code}' -I -H 'Accept: application/vnd.oci.image.index.v1+json' \
+    "http://127.0.0.1:$reg_port/v2/$repo/manifests/v1")
+  by_digest=$(curl -s -o /dev/null -w '%{http_code}' -I -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+    "http://127.0.0.1:$reg_port/v2/$repo/manifests/$child")
+  echo "   registry now: the index by tag answers $by_tag, the child by digest answers $by_digest"
+  echo
+  echo "== 2. Pull through regguard, as CI would"
+  local pull
+  pull=$(mktemp -d "$work/pull.XXXXXX")
+  echo "   skopeo copy --all --src-tls-verify=false docker://$image dir:$pull"
+  if out=$(skopeo copy --quiet --all --src-tls-verify=false "docker://$image" "dir:$pull" 2>&1); then
+    echo "   the pull succeeded (unexpected: was the link already restored?)"
+  else
+    echo "   the pull fails:"
+    printf '%s\n' "$out" | sed 's/^/   | /'
+  fi
+  rm -rf "$pull"
+  echo
+  echo "== 3. What regguard saw"
+  local after=""
+  for _ in $(seq 1 100); do
+    after=$(gauge)
+    [ "${after:-0}" -ge 1 ] 2>/dev/null && break
+    sleep 0.1
+  done
+  echo "   registry_manifest_integrity_failures: ${before:-?} -> ${after:-?}  (the cron probe's gauge)"
+  echo "   the series alert RegistryIndexChildMissing fires on, and the 404 a client got (RegistryClientsHitMissingContent):"
+  echo "   curl -s http://127.0.0.1:$admin_port/metrics | grep -E '^(registry_manifest_integrity_failures|regguard_broken_reference_info|regguard_client_not_found_total.*referenced=\"true\")'"
+  integrity_lines | sed 's/^/   | /'
+  echo "   curl -s http://127.0.0.1:$admin_port/integrity"
+  curl -s "http://127.0.0.1:$admin_port/integrity" | python3 -m json.tool 2>/dev/null | sed 's/^/   | /' \
+    || curl -s "http://127.0.0.1:$admin_port/integrity" | sed 's/^/   | /'
+  echo "   the WARN line in $work/regguard.log:"
+  grep -a 'WARN' "$work/regguard.log" | grep -a "$hex" | head -n 2 | sed 's/^/   | /' || true
+  echo
+  echo "Repair (the README runbook): push the image again with its digests kept:"
+  echo "  ./deploy/demo.sh heal"
+}
+
+heal() {
+  load
+  echo "skopeo copy --all --preserve-digests oci:$work/image:v1 docker://$image"
+  skopeo copy --quiet --all --preserve-digests --dest-tls-verify=false "oci:$work/image:v1" "docker://$image"
+  echo "re-PUTting the child's exact bytes recreated its link; regguard re-checks broken references every missing_ttl (5s here):"
+  local g=""
+  for _ in $(seq 1 300); do
+    g=$(gauge)
+    [ "${g:-1}" = 0 ] && break
+    sleep 0.1
+  done
+  metrics | grep '^registry_manifest_integrity_failures' | sed 's/^/  | /'
+  echo "  the last line about it in $work/regguard.log:"
+  grep -a "${child#sha256:}" "$work/regguard.log" | tail -n 1 | sed 's/^/  | /' || true
+}
+
+case "${1:-start}" in
+  stop) stop; exit 0 ;;
+  incident) incident; exit 0 ;;
+  heal) heal; exit 0 ;;
+  start) ;;
+  *) echo "usage: $0 [start|incident|heal|stop]" >&2; exit 2 ;;
+esac
+
+reg_port=${DEMO_REGISTRY_PORT:-5000}
+port=${DEMO_PORT:-5050}
+admin_port=${DEMO_ADMIN_PORT:-9090}
 [ -f "$state" ] && stop
 
 missing=()
@@ -39,9 +155,22 @@ for p in "$reg_port" "$port" "$admin_port"; do
   fi
 done
 
-cargo build --release --locked --quiet
+if [ -n "${REGGUARD_BIN:-}" ]; then
+  case "$REGGUARD_BIN" in /*) bin=$REGGUARD_BIN ;; *) bin="$here/$REGGUARD_BIN" ;; esac
+else
+  cargo build --release --locked --quiet
+  bin="${CARGO_TARGET_DIR:-$PWD/target}/release/regguard"
+fi
+mkdir -p "$(dirname "$state")"
 work=$(mktemp -d /tmp/regguard-demo.XXXXXX)
 mkdir -p "$work/storage"
+# The state is written as soon as there is something to clean up, so `stop` always can.
+save() {
+  printf 'pids="%s"\nwork=%s\nreg_port=%s\nport=%s\nadmin_port=%s\nimage=%s\nindex=%s\nchild=%s\n' \
+    "${pids:-}" "$work" "$reg_port" "$port" "$admin_port" "${image:-}" "${index:-}" "${child:-}" >"$state"
+}
+save
+trap 'echo "start failed; cleaning up" >&2; stop >&2' ERR
 cat >"$work/registry.yml" <<YAML
 version: 0.1
 log:
@@ -57,19 +186,14 @@ YAML
 
 /usr/bin/docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 reg_pid=$!
-for i in $(seq 1 100); do
+pids="$reg_pid"; save
+for _ in $(seq 1 100); do
   curl -s -o /dev/null "http://127.0.0.1:$reg_port/v2/" && break
   sleep 0.1
 done
-REGGUARD_SCAN_ENABLED=true REGGUARD_SCAN_INTERVAL=30s REGGUARD_METRICS_INSTANCE=demo \
-  target/release/regguard serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
-  --upstream "http://127.0.0.1:$reg_port" >"$work/regguard.log" 2>&1 &
-rg_pid=$!
-printf 'pids="%s %s"\nwork=%s\n' "$rg_pid" "$reg_pid" "$work" >"$state"
-for i in $(seq 1 100); do
-  curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null && break
-  sleep 0.1
-done
+curl -s -o /dev/null "http://127.0.0.1:$reg_port/v2/" || {
+  echo "the registry did not start; its log:" >&2; cat "$work/registry.log" >&2; stop; exit 1
+}
 
 # A sample multi-arch image as an OCI layout, built with tar, gzip and sha256sum.
 layout="$work/image"
@@ -90,6 +214,7 @@ for arch in amd64 arm64; do
   printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"%s","size":%s}]}' \
     "$config" "$csize" "$layer" "$lsize" >"$work/manifest.json"
   read -r manifest msize < <(put "$work/manifest.json")
+  [ "$arch" = amd64 ] && child=$manifest
   # The provenance attestation buildx attaches to every platform image.
   printf '{"_type":"https://in-toto.io/Statement/v0.1","predicateType":"https://slsa.dev/provenance/v0.2","subject":[{"name":"demo","digest":{"sha256":"%s"}}],"predicate":{}}' "${manifest#sha256:}" >"$work/att.json"
   read -r att asize < <(put "$work/att.json")
@@ -107,9 +232,37 @@ printf '{"imageLayoutVersion":"1.0.0"}' >"$layout/oci-layout"
 printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"v1"}}]}' \
   "$index" "$isize" >"$layout/index.json"
 
-image="127.0.0.1:$port/demo/app:v1"
-skopeo copy --quiet --all --preserve-digests --dest-tls-verify=false "oci:$layout:v1" "docker://$image"
+# The sample goes into the registry first, as CI's pushes did before regguard was put in
+# front, so regguard's first scan (at start-up) already finds it.
+skopeo copy --quiet --all --preserve-digests --dest-tls-verify=false "oci:$layout:v1" \
+  "docker://127.0.0.1:$reg_port/$repo:v1"
+
+# missing_ttl 5s: broken references are re-checked every 5 s, so `heal` shows the gauge
+# clear quickly (the default is 30s).
+REGGUARD_SCAN_ENABLED=true REGGUARD_SCAN_INTERVAL=30s REGGUARD_METRICS_INSTANCE=demo \
+  REGGUARD_VALIDATE_MISSING_TTL=5s \
+  "$bin" serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
+  --upstream "http://127.0.0.1:$reg_port" >"$work/regguard.log" 2>&1 &
+rg_pid=$!
+pids="$rg_pid $reg_pid"
+image="127.0.0.1:$port/$repo:v1"
+save
+for _ in $(seq 1 300); do
+  curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null && break
+  sleep 0.1
+done
+curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null || {
+  echo "regguard did not become ready; its log:" >&2; cat "$work/regguard.log" >&2; stop; exit 1
+}
+# Wait for the first scan to finish, so the gauges below describe the sample image.
+for _ in $(seq 1 300); do
+  metrics | grep -Eq '^registry_manifest_integrity_last_run_timestamp(\{[^}]*\})? [1-9]' && break
+  sleep 0.1
+done
+
 skopeo copy --quiet --all --preserve-digests --src-tls-verify=false "docker://$image" "oci:$work/pulled:v1"
+
+trap - ERR
 
 cat <<MSG
 
@@ -119,16 +272,17 @@ regguard demo is up.
   metrics       http://127.0.0.1:$admin_port/metrics
   health        http://127.0.0.1:$admin_port/healthz   readiness http://127.0.0.1:$admin_port/readyz
   sample image  $image  (index $index: linux/amd64, linux/arm64, 2 attestations)
-                pushed and pulled back through regguard with skopeo
+                pushed into the registry, scanned by regguard, pulled back through regguard
 
 Try:
   skopeo inspect --tls-verify=false --raw docker://$image
-  curl -s http://127.0.0.1:$admin_port/metrics | grep '^regguard_requests_total'
+  curl -s http://127.0.0.1:$admin_port/metrics | grep '^regguard_requests_total' | grep -v ' 0\$'
   curl -s http://127.0.0.1:$admin_port/metrics | grep '^registry_manifest_integrity'   # scan, every 30s
   curl -s http://127.0.0.1:$admin_port/integrity          # broken references right now
-  target/release/regguard check --insecure $image         # the image as a tree
+  $bin check --insecure $image         # the image as a tree
+  ./deploy/demo.sh incident                # break a child the way registry 2.8's GC does, and pull
 Stop:
   ./deploy/demo.sh stop
 
 MSG
-curl -s "http://127.0.0.1:$admin_port/metrics" | grep '^regguard_requests_total' | grep -v ' 0$' || true
+metrics | grep '^registry_manifest_integrity' || true

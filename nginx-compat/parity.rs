@@ -310,8 +310,46 @@ fn nginx_front_and_regguard_give_the_same_answers_to_the_same_sequence() {
     assert!(step("unknown manifest").body.contains("MANIFEST_UNKNOWN"));
 }
 
+/// The drop-in `nginx-in-front.conf`, as an operator installs it, inside the test skeleton
+/// `tests/nginx/in-front.conf`: only its listen, certificate and upstream lines become the
+/// harness's placeholders; every proxy directive runs as shipped. Returns the file's path
+/// (absolute, so the harness reads it instead of a file in `nginx-compat/`).
+fn in_front_template(dir: &std::path::Path) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut drop_in =
+        std::fs::read_to_string(root.join("nginx-compat/nginx-in-front.conf")).unwrap();
+    for (line, with) in [
+        ("    server 127.0.0.1:5051;\n", "    server @UPSTREAM@;\n"),
+        ("    listen 5050 ssl;\n", "    listen @LISTEN@ @SSL@;\n"),
+        (
+            "    ssl_certificate /etc/ssl/registry/fullchain.pem;\n",
+            "    @TLS_LINES@\n",
+        ),
+        (
+            "    ssl_certificate_key /etc/ssl/registry/privkey.pem;\n",
+            "",
+        ),
+        ("    ssl_protocols TLSv1.2 TLSv1.3;\n", ""),
+    ] {
+        assert_eq!(
+            drop_in.matches(line).count(),
+            1,
+            "nginx-in-front.conf should have the line {line:?} once"
+        );
+        drop_in = drop_in.replace(line, with);
+    }
+    let skeleton = std::fs::read_to_string(root.join("tests/nginx/in-front.conf")).unwrap();
+    let marker = "    # the drop-in goes here\n";
+    assert_eq!(skeleton.matches(marker).count(), 1);
+    let path = dir.join("nginx-in-front.conf");
+    std::fs::write(&path, skeleton.replace(marker, &drop_in)).unwrap();
+    path
+}
+
 #[test]
 fn nginx_in_front_of_regguard_keeps_https_location_when_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let in_front = in_front_template(dir.path());
     let reg = Registry::start();
     let cert = common::TestCert::generate();
     let tls = Some((cert.cert_pem.as_path(), cert.key_pem.as_path()));
@@ -321,7 +359,7 @@ fn nginx_in_front_of_regguard_keeps_https_location_when_trusted() {
             opts.args = vec!["--trusted-proxies".into(), "127.0.0.1".into()];
         }
         let rg = Regguard::start_with(&reg.url(), opts);
-        let nginx = Nginx::start_with("nginx-in-front.conf", rg.public, tls);
+        let nginx = Nginx::start_with(&in_front.display().to_string(), rg.public, tls);
         let req = ::http::Request::builder()
             .method("POST")
             .uri("/v2/front/app/blobs/uploads/")
