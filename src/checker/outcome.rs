@@ -1,0 +1,208 @@
+//! The checker's vocabulary: what kind of reference, what the registry said about it,
+//! and the verdict on a descriptor (`judge`). Pure values and functions; no I/O.
+
+use crate::oci::{self, Descriptor};
+
+/// What kind of reference a descriptor is: a manifest (`/manifests/`) or a blob (`/blobs/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefKind {
+    Manifest,
+    Blob,
+}
+
+impl RefKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefKind::Manifest => "manifest",
+            RefKind::Blob => "blob",
+        }
+    }
+    pub(super) fn path(self) -> &'static str {
+        match self {
+            RefKind::Manifest => "manifests",
+            RefKind::Blob => "blobs",
+        }
+    }
+}
+
+/// What the upstream said about a reference (cached).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    /// 2xx, with the size and digest it reported (size unknown on a redirect).
+    Found {
+        size: Option<u64>,
+        digest: Option<String>,
+        /// Content-Type of a manifest (blobs are served as octet-stream: not recorded).
+        media_type: Option<String>,
+    },
+    /// 404.
+    NotFound,
+    /// 401/403: this client may not see it. Never cached, never "broken".
+    Unauthorized(u16),
+    /// Anything else: 5xx, timeout, connection failure. Never cached.
+    Error(String),
+}
+
+/// The verdict on one descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Missing,
+    Mismatch {
+        what: &'static str,
+        expected: String,
+        found: String,
+    },
+    Unauthorized(u16),
+    Error(String),
+}
+
+impl Outcome {
+    /// The `result` label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Missing => "missing",
+            Outcome::Mismatch { .. } => "mismatch",
+            Outcome::Unauthorized(_) => "unauthorized",
+            Outcome::Error(_) => "error",
+        }
+    }
+
+    /// Missing or mismatched: a client pulling it would fail.
+    pub fn is_broken(&self) -> bool {
+        matches!(self, Outcome::Missing | Outcome::Mismatch { .. })
+    }
+
+    /// What the upstream said, in words for logs and `/integrity`.
+    pub fn describe(&self, kind: RefKind) -> String {
+        match self {
+            Outcome::Ok => "present".into(),
+            Outcome::Missing => format!(
+                "404 {}",
+                if kind == RefKind::Manifest {
+                    "MANIFEST_UNKNOWN"
+                } else {
+                    "BLOB_UNKNOWN"
+                }
+            ),
+            Outcome::Mismatch {
+                what,
+                expected,
+                found,
+            } => {
+                format!("{what} mismatch: descriptor says {expected}, registry says {found}")
+            }
+            Outcome::Unauthorized(s) => format!("{s} (not authorized)"),
+            Outcome::Error(e) => e.clone(),
+        }
+    }
+}
+
+/// Compares what the upstream said with what the descriptor promises. With `strict_media`,
+/// a manifest descriptor's `mediaType` must also match what the registry serves it as.
+pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outcome {
+    match presence {
+        Presence::Found {
+            size,
+            digest,
+            media_type,
+        } => {
+            if let (true, Some(found)) = (strict_media && !desc.media_type.is_empty(), media_type) {
+                if !oci::same_media_type(found, &desc.media_type) {
+                    return Outcome::Mismatch {
+                        what: "media type",
+                        expected: desc.media_type.clone(),
+                        found: found.clone(),
+                    };
+                }
+            }
+            if let Some(d) = digest {
+                if *d != desc.digest {
+                    return Outcome::Mismatch {
+                        what: "digest",
+                        expected: desc.digest.clone(),
+                        found: d.clone(),
+                    };
+                }
+            }
+            match size {
+                Some(s) if *s != desc.size => Outcome::Mismatch {
+                    what: "size",
+                    expected: desc.size.to_string(),
+                    found: s.to_string(),
+                },
+                _ => Outcome::Ok,
+            }
+        }
+        Presence::NotFound => Outcome::Missing,
+        Presence::Unauthorized(s) => Outcome::Unauthorized(*s),
+        Presence::Error(e) => Outcome::Error(e.clone()),
+    }
+}
+
+/// Why a manifest could not be fetched and read.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("upstream answered {0}")]
+    Status(u16),
+    #[error("not authorized ({0})")]
+    Unauthorized(u16),
+    #[error("{0}")]
+    Upstream(String),
+    #[error("body digest {found} does not match {expected}")]
+    DigestMismatch { expected: String, found: String },
+    #[error(transparent)]
+    Parse(#[from] oci::ParseError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(size: u64) -> Descriptor {
+        Descriptor {
+            media_type: oci::OCI_MANIFEST.into(),
+            digest: oci::sha256_digest(b"x"),
+            size,
+            platform: None,
+            urls: vec![],
+        }
+    }
+
+    #[test]
+    fn judging_compares_size_and_digest_with_the_descriptor() {
+        let d = desc(5);
+        let found = |size, digest: &str| Presence::Found {
+            size: Some(size),
+            digest: Some(digest.into()),
+            media_type: Some(oci::DOCKER_MANIFEST.into()),
+        };
+        assert_eq!(judge(&found(5, &d.digest), &d, false), Outcome::Ok);
+        assert!(matches!(
+            judge(&found(6, &d.digest), &d, false),
+            Outcome::Mismatch { what: "size", .. }
+        ));
+        assert!(matches!(
+            judge(&found(5, "sha256:00"), &d, false),
+            Outcome::Mismatch { what: "digest", .. }
+        ));
+        assert!(matches!(
+            judge(&found(5, &d.digest), &d, true),
+            Outcome::Mismatch {
+                what: "media type",
+                ..
+            }
+        ));
+        assert_eq!(judge(&Presence::NotFound, &d, false), Outcome::Missing);
+        assert!(!judge(&Presence::Unauthorized(401), &d, false).is_broken());
+        assert!(!judge(&Presence::Error("x".into()), &d, false).is_broken());
+        let unknown = Presence::Found {
+            size: None,
+            digest: None,
+            media_type: None,
+        };
+        assert_eq!(judge(&unknown, &d, true), Outcome::Ok);
+    }
+}
