@@ -287,6 +287,9 @@ fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
+        // A client that closes its end cancels its in-flight request: a push's gate walk
+        // stops with it (tests/hostile.rs, a_push_abandoned_by_its_client_stops_its_checks).
+        .half_close(false)
         .keep_alive(true)
         .max_buf_size(CLIENT_BUF_MAX);
     builder

@@ -877,3 +877,83 @@ fn a_push_to_a_path_the_registry_redirects_gets_the_registrys_answer() {
         assert_eq!(put(&rg.url()), put(&reg.url()), "{path}");
     }
 }
+
+/// A registry that answers every manifest HEAD present and right, slowly, and counts them.
+fn slow_registry(
+    delay: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let heads = std::sync::Arc::new(AtomicUsize::new(0));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = heads.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let Ok(n) = conn.read(&mut buf) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let mut words = head.split_whitespace();
+                    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                    let answer = if method == "HEAD" && path.contains("/manifests/") {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(delay);
+                        let digest = path.rsplit('/').next().unwrap_or("");
+                        format!("HTTP/1.1 200 OK\r\nContent-Type: {OCI_MANIFEST}\r\nDocker-Content-Digest: {digest}\r\nContent-Length: 1\r\n\r\n")
+                    } else if method == "PUT" {
+                        "HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n".to_string()
+                    } else {
+                        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_string()
+                    };
+                    if conn.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[test]
+fn a_push_abandoned_by_its_client_stops_its_checks() {
+    use std::sync::atomic::Ordering;
+    let (registry, heads) = slow_registry(Duration::from_millis(300));
+    let rg = Regguard::start(&format!("http://{registry}"));
+    // 64 distinct children, each checked with a 300 ms HEAD, 8 at a time: about 2.4 s.
+    let children: Vec<Value> = (0..64u32)
+        .map(|i| json!({"mediaType": OCI_MANIFEST, "digest": sha256_digest(&i.to_be_bytes()), "size": 1}))
+        .collect();
+    let index = index_of(&children);
+    let mut s = TcpStream::connect(rg.public).unwrap();
+    write!(
+        s,
+        "PUT /v2/gone/app/manifests/v1 HTTP/1.1\r\nHost: {}\r\nContent-Type: {OCI_INDEX}\r\nContent-Length: {}\r\n\r\n",
+        rg.host(),
+        index.data.len()
+    )
+    .unwrap();
+    s.write_all(&index.data).unwrap();
+    poll_until(Duration::from_secs(10), "the gate's first checks", || {
+        (heads.load(Ordering::SeqCst) >= 2).then_some(())
+    });
+    drop(s); // the pusher leaves
+    std::thread::sleep(Duration::from_secs(2));
+    let after_leaving = heads.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(2));
+    let later = heads.load(Ordering::SeqCst);
+    assert_eq!(later, after_leaving, "checks went on after the pusher left");
+    assert!(
+        after_leaving < 64,
+        "all {after_leaving} checks ran for an abandoned push"
+    );
+}
