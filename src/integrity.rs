@@ -286,6 +286,15 @@ mod tests {
     }
 
     #[test]
+    fn a_broken_reference_never_shows_its_credentials() {
+        let mut b = broken("sha256:a");
+        b.auth = Some(HeaderValue::from_static("Basic c2VjcmV0OnRva2Vu"));
+        let shown = format!("{b:?} {}", serde_json::to_string(&b).unwrap());
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        assert!(shown.contains("sha256:a"));
+    }
+
+    #[test]
     fn gauge_counts_entries_once_and_heals() {
         let reg = Registry::new();
         let s = Integrity::new(&reg, "test", 1).unwrap();
