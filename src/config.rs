@@ -104,6 +104,14 @@ pub struct ServeArgs {
         requires = "tls_cert"
     )]
     pub tls_key: Option<PathBuf>,
+    /// How often the TLS files are checked for a change (they are also reloaded on SIGHUP)
+    /// [default: 5s].
+    #[arg(long, env = "REGGUARD_TLS_RELOAD_INTERVAL", value_name = "DURATION")]
+    pub tls_reload_interval: Option<String>,
+    /// PEM CA bundle an https:// upstream's certificate must chain to (nginx's
+    /// proxy_ssl_trusted_certificate) [default: the system's CA store].
+    #[arg(long, env = "REGGUARD_UPSTREAM_CA", value_name = "PEM")]
+    pub upstream_ca: Option<PathBuf>,
     /// Log format [default: text].
     #[arg(long, env = "REGGUARD_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -147,6 +155,8 @@ struct FileConfig {
     admin_listen: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    tls_reload_interval: Option<DurationValue>,
+    upstream_ca: Option<PathBuf>,
     log_format: Option<LogFormat>,
     idle_timeout: Option<DurationValue>,
     header_read_timeout: Option<DurationValue>,
@@ -254,17 +264,22 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Parses `http://host:port`. Only plain HTTP is supported: the registry sits on a private network.
+    /// Parses `http://host:port` or `https://host:port` (verified against `upstream_ca`
+    /// or the system's CA store, by the host name given here).
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         let uri: Uri = url
             .parse()
             .map_err(|e| invalid("upstream", format!("`{url}` is not a URL: {e}")))?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err(invalid(
-                "upstream",
-                format!("`{url}`: only http:// upstreams are supported"),
-            ));
-        }
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            _ => {
+                return Err(invalid(
+                    "upstream",
+                    format!("`{url}`: give an http:// or https:// URL"),
+                ))
+            }
+        };
         let Some(authority) = uri.authority().cloned() else {
             return Err(invalid("upstream", format!("`{url}` has no host")));
         };
@@ -277,7 +292,7 @@ impl Upstream {
         let host_header = HeaderValue::from_str(authority.as_str())
             .map_err(|e| invalid("upstream", e.to_string()))?;
         Ok(Upstream {
-            scheme: Scheme::HTTP,
+            scheme,
             authority,
             host_header,
         })
@@ -319,6 +334,10 @@ pub struct Settings {
     pub upstream: Upstream,
     pub admin_listen: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// How often the TLS files are checked for a change.
+    pub tls_reload_interval: Duration,
+    /// CA bundle for an `https://` upstream (else the system's store).
+    pub upstream_ca: Option<PathBuf>,
     pub log_format: LogFormat,
     pub idle_timeout: Duration,
     pub header_read_timeout: Duration,
@@ -638,6 +657,13 @@ impl Settings {
             upstream: Upstream::parse(&upstream)?,
             admin_listen: parse_addr("admin_listen", &admin_listen)?,
             tls,
+            tls_reload_interval: duration(
+                "tls_reload_interval",
+                args.tls_reload_interval,
+                file.tls_reload_interval,
+                "5s",
+            )?,
+            upstream_ca: args.upstream_ca.or(file.upstream_ca),
             log_format: args
                 .log_format
                 .or(file.log_format)
@@ -794,7 +820,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("`listen`"), "{err}");
-        let err = Settings::from_toml("upstream = \"https://r:5000\"")
+        let err = Settings::from_toml("upstream = \"ftp://r:5000\"")
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("`upstream`"), "{err}");

@@ -15,6 +15,9 @@ pub enum ForwardError {
     /// The upstream could not be connected to (refused, unresolvable, reset before a response).
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
+    /// An `https://` upstream's TLS handshake failed (most often: its certificate is not trusted).
+    #[error("upstream TLS handshake failed: {0}")]
+    UpstreamTls(String),
     /// The upstream did not connect, or did not answer, within the configured timeout.
     #[error("upstream timed out ({stage}) after {after:?}")]
     Timeout {
@@ -30,7 +33,7 @@ impl ForwardError {
     /// Short, bounded label used in metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
-            ForwardError::Unreachable(_) => "unreachable",
+            ForwardError::Unreachable(_) | ForwardError::UpstreamTls(_) => "unreachable",
             ForwardError::Timeout { .. } => "timeout",
             ForwardError::ClientAborted(_) => "client_aborted",
         }
@@ -43,6 +46,15 @@ impl ForwardError {
                 StatusCode::BAD_GATEWAY,
                 "UNAVAILABLE",
                 "the registry behind this proxy is unreachable",
+            ),
+            // An operator's configuration problem, so say which: the certificate's fault names no secret.
+            ForwardError::UpstreamTls(why) => oci_error(
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+                &format!(
+                    "the registry behind this proxy failed TLS verification ({why}); \
+                     trust its CA with --upstream-ca"
+                ),
             ),
             ForwardError::Timeout { .. } => oci_error(
                 StatusCode::GATEWAY_TIMEOUT,

@@ -83,11 +83,19 @@ pub async fn serve(
     on_bound: impl FnOnce(Bound) + Send,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new()?);
-    let pools = crate::upstream::Pools::new(settings.connect_timeout);
+    // Both pools, and so the checker, scan and probe that share them, dial an
+    // https:// upstream with the same verification.
+    let verify = match &settings.upstream_ca {
+        Some(path) => {
+            crate::upstream::TlsVerify::Roots(Arc::new(crate::tls::upstream_roots(path)?))
+        }
+        None => crate::upstream::TlsVerify::System,
+    };
+    let pools = crate::upstream::Pools::with_tls(settings.connect_timeout, verify);
     let tls = settings
         .tls
         .as_ref()
-        .map(crate::tls::acceptor)
+        .map(|files| crate::tls::acceptor(files, settings.tls_reload_interval, metrics.registry()))
         .transpose()?;
 
     let public = bind("listen", settings.listen).await?;
@@ -179,7 +187,8 @@ pub async fn serve(
             validation,
             Some(gate),
         )
-        .with_watch(upstream_watch),
+        .with_watch(upstream_watch)
+        .with_trusted_proxies(&settings.trusted_proxies),
     );
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),

@@ -26,15 +26,17 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::UpstreamBody;
 
-/// The upstream client type. The connector speaks plain HTTP and, for the CLI's
-/// `https://` registries, TLS (rustls); `serve` only ever dials `http://` upstreams.
+/// The upstream client type. The connector speaks plain HTTP and, for `https://`
+/// registries, TLS (rustls): SNI and certificate verification use the URL's host name.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
-/// How the CLI verifies a registry's certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a registry's certificate is verified.
+#[derive(Debug, Clone)]
 pub enum TlsVerify {
     /// The system's CA store.
     System,
+    /// These roots only (`upstream_ca`, as nginx's `proxy_ssl_trusted_certificate`).
+    Roots(Arc<rustls::RootCertStore>),
     /// No verification (`--insecure`): for registries with self-signed certificates.
     None,
 }
@@ -140,6 +142,7 @@ fn tls_config(verify: TlsVerify) -> rustls::ClientConfig {
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
+        TlsVerify::Roots(roots) => builder.with_root_certificates(roots).with_no_client_auth(),
         TlsVerify::None => builder
             .dangerous()
             .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify(provider)))

@@ -12,7 +12,7 @@
 //!
 //! Nothing here waits on anything but the client and the upstream.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +51,57 @@ pub struct ConnInfo {
     pub trusted: bool,
 }
 
+/// Who a request is from, as logged: the peer, or, behind a trusted proxy, the
+/// client that proxy names (nginx's `real_ip_header` with `set_real_ip_from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAddr {
+    /// The peer of the connection.
+    Peer(SocketAddr),
+    /// Named by a trusted proxy in `X-Real-IP` or `X-Forwarded-For`.
+    Forwarded(IpAddr),
+}
+
+impl std::fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientAddr::Peer(a) => a.fmt(f),
+            ClientAddr::Forwarded(ip) => ip.fmt(f),
+        }
+    }
+}
+
+impl ClientAddr {
+    /// The client of a request on `conn`. Only a peer in `trusted` is believed: its
+    /// `X-Real-IP`, else the last `X-Forwarded-For` address that is not itself a
+    /// trusted proxy (the ones before it are the client's to invent).
+    pub fn of(conn: ConnInfo, headers: &http::HeaderMap, trusted: &[IpAddr]) -> Self {
+        if !conn.trusted {
+            return ClientAddr::Peer(conn.remote);
+        }
+        let real_ip = headers
+            .get("x-real-ip")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<IpAddr>().ok());
+        let forwarded = || {
+            let mut hops: Vec<&str> = headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .collect();
+            hops.reverse();
+            hops.into_iter()
+                .map(|h| h.trim().parse::<IpAddr>())
+                .take_while(Result::is_ok)
+                .flatten()
+                .find(|ip| !trusted.contains(ip))
+        };
+        real_ip
+            .or_else(forwarded)
+            .map_or(ClientAddr::Peer(conn.remote), ClientAddr::Forwarded)
+    }
+}
+
 /// The forwarding path's shared state.
 pub struct Proxy {
     upstream: Upstream,
@@ -63,6 +114,8 @@ pub struct Proxy {
     gate: Option<Arc<Gate>>,
     /// Told when the upstream cannot be reached, and when it answers.
     watch: Option<Arc<UpstreamWatch>>,
+    /// Peers whose forwarding headers name the client (`trusted_proxies`).
+    trusted_proxies: Arc<[IpAddr]>,
 }
 
 /// Timeouts and logging of the forwarding path.
@@ -105,7 +158,14 @@ impl Proxy {
             validation,
             gate,
             watch: None,
+            trusted_proxies: Arc::new([]),
         }
+    }
+
+    /// Logs the client a trusted proxy names rather than the proxy (see [`ClientAddr::of`]).
+    pub fn with_trusted_proxies(mut self, trusted: &[IpAddr]) -> Self {
+        self.trusted_proxies = trusted.into();
+        self
     }
 
     /// Reports the upstream's reachability to `watch`.
@@ -133,7 +193,7 @@ impl Proxy {
             method: req.method().clone(),
             route: route.kind,
             repository: route.repository.map(str::to_owned),
-            client: conn.remote,
+            client: ClientAddr::of(conn, req.headers(), &self.trusted_proxies),
             started,
             status: None,
             error: None,
@@ -196,7 +256,7 @@ impl Proxy {
                     exchange.error = Some(e.kind());
                     tracing::warn!(
                         route = route_kind.as_str(),
-                        client = %conn.remote,
+                        client = %exchange.client,
                         error = %e,
                         "forwarding failed"
                     );
@@ -340,8 +400,31 @@ impl Proxy {
                 after: self.connect_timeout,
             };
         }
+        if let Some(tls) = tls_error(e) {
+            return ForwardError::UpstreamTls(tls.to_string());
+        }
         ForwardError::Unreachable(error_chain(e))
     }
+}
+
+/// The rustls error behind a failed `https://` connect, if that is why it failed.
+/// tokio-rustls wraps it in an `io::Error` (and hyper-rustls that in another), whose
+/// `source` skips the wrapped error: look inside with `get_ref`.
+fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        cur = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 /// `GET /` on the public listener, as the nginx front answered it.
@@ -388,7 +471,7 @@ pub struct Exchange {
     method: Method,
     route: RouteKind,
     repository: Option<String>,
-    client: SocketAddr,
+    client: ClientAddr,
     started: Instant,
     status: Option<StatusCode>,
     error: Option<&'static str>,

@@ -93,7 +93,7 @@ impl Proxy {
                 tracing::warn!(
                     repository = %repo,
                     reference,
-                    client = %conn.remote,
+                    client = %exchange.client,
                     user = basic_user(auth.as_ref()).as_deref().unwrap_or(""),
                     mode = if audit { "audit" } else { "enforce" },
                     problems = %problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join(" | "),
@@ -115,7 +115,7 @@ impl Proxy {
                 tracing::warn!(
                     repository = %repo,
                     reference,
-                    client = %conn.remote,
+                    client = %exchange.client,
                     max_references = max,
                     "push gate: manifest references too much to check"
                 );
