@@ -97,6 +97,18 @@ pub async fn serve(
         .as_ref()
         .map(|files| crate::tls::acceptor(files, settings.tls_reload_interval, metrics.registry()))
         .transpose()?;
+    if tls.is_none() {
+        // `systemctl reload` and habit send SIGHUP; without TLS there is nothing to reload,
+        // and its default action (terminate) would drop every transfer.
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP received: no TLS certificate to reload");
+                }
+            });
+        }
+    }
 
     let public = bind("listen", settings.listen).await?;
     let admin_listener = bind("admin_listen", settings.admin_listen).await?;

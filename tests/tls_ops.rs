@@ -453,3 +453,17 @@ fn behind_a_trusted_proxy_the_logs_name_the_client_it_forwards_for() {
         }
     }
 }
+
+#[test]
+fn sighup_without_tls_is_logged_and_changes_nothing() {
+    let reg = Registry::start();
+    let mut rg = Regguard::start(&reg.url());
+    rg.proc.signal("HUP");
+    common::poll_until(Duration::from_secs(10), "the SIGHUP log line", || {
+        rg.log_text()
+            .contains("no TLS certificate to reload")
+            .then_some(())
+    });
+    assert!(rg.proc.try_exit().is_none(), "regguard exited on SIGHUP");
+    assert_eq!(common::http::get(&format!("{}/v2/", rg.url())).status, 200);
+}
