@@ -115,7 +115,9 @@ fn dashboard_and_alerts_only_use_metrics_regguard_exports() {
             .filter(|n| !n.ends_with('_')),
     );
 
-    // A regguard with the scan on, over a registry with one broken reference, exports everything.
+    // A regguard with the scan and TLS on, over a registry with one broken reference,
+    // exports everything (the certificate metrics exist only with TLS).
+    let cert = common::TestCert::generate();
     let reg = Registry::start();
     let img = oci::multi_arch("deploy");
     oci::push_multi_arch(&reg.url(), "deploy/app", "v1", &img, &[]);
@@ -124,6 +126,7 @@ fn dashboard_and_alerts_only_use_metrics_regguard_exports() {
         &reg.url(),
         RegguardOptions {
             env: vec![("REGGUARD_SCAN_ENABLED".into(), "true".into())],
+            tls: Some((cert.cert_pem.clone(), cert.key_pem.clone())),
             ..Default::default()
         },
     );
