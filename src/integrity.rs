@@ -189,7 +189,12 @@ impl Integrity {
         );
         let mut inner = self.lock();
         if let Some(b) = inner.entries.remove(&key) {
-            self.forget(&b, "healed: the reference is present again");
+            // Good news, not a warning: INFO, so alerting on WARN does not page for a repair.
+            self.forget(
+                &b,
+                tracing::Level::INFO,
+                "healed: the reference is present again",
+            );
             self.failures.set(inner.entries.len() as i64);
         }
     }
@@ -205,23 +210,37 @@ impl Integrity {
             .collect();
         for key in gone {
             if let Some(b) = inner.entries.remove(&key) {
-                self.forget(&b, "cleared: the index itself is gone");
+                self.forget(
+                    &b,
+                    tracing::Level::WARN,
+                    "cleared: the index itself is gone",
+                );
             }
         }
         self.failures.set(inner.entries.len() as i64);
     }
 
-    fn forget(&self, b: &BrokenRef, why: &str) {
+    fn forget(&self, b: &BrokenRef, level: tracing::Level, why: &str) {
         // Removing a series that was never exported (overflow) is a harmless error.
         let _ = self.info.remove_label_values(&info_values(b));
-        tracing::warn!(
-            repository = %b.repository,
-            index_digest = %b.index_digest,
-            child_digest = %b.child_digest,
-            platform = %b.platform,
-            kind = b.kind.as_str(),
-            "{why}"
-        );
+        // A callsite's level is fixed at compile time: one macro per level.
+        macro_rules! log {
+            ($mac:ident) => {
+                tracing::$mac!(
+                    repository = %b.repository,
+                    index_digest = %b.index_digest,
+                    child_digest = %b.child_digest,
+                    platform = %b.platform,
+                    kind = b.kind.as_str(),
+                    "{why}"
+                )
+            };
+        }
+        if level == tracing::Level::INFO {
+            log!(info);
+        } else {
+            log!(warn);
+        }
     }
 
     /// Every broken reference, for `/integrity` and re-checks.
@@ -311,5 +330,44 @@ mod tests {
         s.remove_index("r", "sha256:i");
         assert_eq!(s.failures.get(), 0);
         assert!(s.is_empty());
+    }
+
+    /// Captures what is logged while `f` runs, as the text format prints it.
+    fn logged(f: impl FnOnce()) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+        text
+    }
+
+    #[test]
+    fn healed_is_info_and_cleared_is_warn() {
+        let s = Integrity::new(&Registry::new(), "test", 10).unwrap();
+        s.report_broken(broken("sha256:a"));
+        let text = logged(|| s.report_ok("r", "sha256:i", "sha256:a"));
+        assert!(text.contains(" INFO ") && text.contains("healed"), "{text}");
+        s.report_broken(broken("sha256:b"));
+        let text = logged(|| s.remove_index("r", "sha256:i"));
+        assert!(
+            text.contains(" WARN ") && text.contains("cleared"),
+            "{text}"
+        );
     }
 }

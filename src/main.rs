@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use regguard::config::{LogFormat, ServeArgs, Settings};
+use regguard::config::{Environment, LogFormat, ServeArgs, Settings};
 
 /// regguard: a streaming reverse proxy that fronts a Docker/OCI registry and
 /// guards the integrity of what it serves.
@@ -21,7 +21,19 @@ enum Command {
     /// Serve the registry front: stream every request to the upstream registry, like the nginx
     /// :5050 block it replaces. Every flag is also a REGGUARD_<NAME> environment variable and a
     /// key of the --config TOML file; flags beat the environment, which beats the file.
+    #[command(
+        after_help = regguard::config::keys::help_text(false),
+        after_long_help = regguard::config::keys::help_text(true)
+    )]
     Serve(Box<ServeArgs>),
+    /// Configuration: every key with its environment variable and default (--help), and
+    /// `config check` to validate a file.
+    #[command(
+        subcommand,
+        after_help = regguard::config::keys::help_text(false),
+        after_long_help = regguard::config::keys::help_text(true)
+    )]
+    Config(ConfigCommand),
     /// Scan a whole registry once: every tag of every repository, index children, and each
     /// image's config and layers. Exit 0: healthy; 1: broken references found; 2: could not
     /// scan (the message says why and what to do).
@@ -30,6 +42,24 @@ enum Command {
     /// a tree with each platform and what is missing. Exit 0: healthy; 1: broken; 2: not found,
     /// or could not check (the message says why and what to do).
     Check(CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file together with the REGGUARD_* environment and the flags
+    /// given, as `serve` would, and print the effective settings (secrets masked) with where
+    /// each came from. Exit 0: valid; 2: not (the message names the key).
+    Check(ConfigCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigCheckArgs {
+    /// The TOML file to check (else --config or REGGUARD_CONFIG; with none, the environment
+    /// and flags over the defaults).
+    #[arg(value_name = "FILE")]
+    file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,6 +135,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Scan(args) => scan(args),
         Command::Check(args) => check(args),
+        Command::Config(ConfigCommand::Check(args)) => config_check(args),
     }
 }
 
@@ -217,8 +248,26 @@ fn scan(args: ScanArgs) -> ExitCode {
     )
 }
 
+fn config_check(args: ConfigCheckArgs) -> ExitCode {
+    let mut serve = args.serve;
+    if let Some(file) = args.file {
+        serve.config = Some(file);
+    }
+    let env = Environment::from_process();
+    match regguard::config::effective(&serve, &env) {
+        Ok(lines) => {
+            print!("{}", regguard::config::render_effective(&lines, &env));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("regguard config check: configuration error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
-    let settings = match Settings::load(&args) {
+    let settings = match Settings::load(&args, &Environment::from_process()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("regguard: configuration error: {e}");

@@ -528,12 +528,38 @@ impl Drop for Exchange {
                 status = self.status.map_or(0, |s| s.as_u16()),
                 bytes_in,
                 bytes_out,
-                duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+                duration_ms = millis(self.started.elapsed()),
                 client = %self.client,
                 outcome,
                 error = self.error.unwrap_or(""),
                 "request"
             );
         }
+    }
+}
+
+/// Milliseconds rounded to two decimals, for the access log: `2.71`, not `2.7143420000000003`.
+/// Still a number, so the JSON log keeps a number for dashboards to sum.
+fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 100_000.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::millis;
+    use std::time::Duration;
+
+    #[test]
+    fn access_log_milliseconds_have_two_decimals() {
+        assert_eq!(
+            format!("{:?}", millis(Duration::from_nanos(2_714_342))),
+            "2.71"
+        );
+        assert_eq!(format!("{:?}", millis(Duration::from_micros(1_500))), "1.5");
+        assert_eq!(format!("{:?}", millis(Duration::from_secs(3))), "3000.0");
+        assert_eq!(
+            serde_json::to_string(&millis(Duration::from_nanos(999_999))).unwrap(),
+            "1.0"
+        );
     }
 }
