@@ -12,9 +12,9 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::body::UpstreamBody;
 use crate::config::Upstream;
 use crate::metrics::Metrics;
+use crate::upstream::UpstreamBody;
 use crate::upstream::{user_agent, UpstreamClient};
 
 /// How long `/readyz` waits for the upstream's `GET /v2/`.

@@ -18,10 +18,6 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::budget::Held;
-use crate::proxy::Exchange;
-use crate::validate::{Job, Validator};
-
 /// The error type bodies carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -158,25 +154,7 @@ where
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The body of a request regguard sends upstream.
-    #[project = UpstreamBodyProj]
-    pub enum UpstreamBody {
-        /// A client's body, streamed through.
-        Client { #[pin] body: Metered<Incoming> },
-        /// Bytes regguard holds (a manifest it has read, or nothing).
-        Full { data: Option<Bytes> },
-    }
-}
-
-impl UpstreamBody {
-    /// No body (HEAD/GET checks, readiness probes).
-    pub fn empty() -> Self {
-        UpstreamBody::Full { data: None }
-    }
-}
-
-fn poll_full(data: &mut Option<Bytes>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+pub(crate) fn poll_full(data: &mut Option<Bytes>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
     Poll::Ready(
         data.take()
             .filter(|d| !d.is_empty())
@@ -184,37 +162,8 @@ fn poll_full(data: &mut Option<Bytes>) -> Poll<Option<Result<Frame<Bytes>, BoxEr
     )
 }
 
-fn full_hint(data: &Option<Bytes>) -> SizeHint {
+pub(crate) fn full_hint(data: &Option<Bytes>) -> SizeHint {
     SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            UpstreamBodyProj::Client { body } => body.poll_frame(cx),
-            UpstreamBodyProj::Full { data } => poll_full(data),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Client { body } => body.is_end_stream(),
-            UpstreamBody::Full { data } => data.as_ref().is_none_or(|d| d.is_empty()),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Client { body } => body.size_hint(),
-            UpstreamBody::Full { data } => full_hint(data),
-        }
-    }
 }
 
 pin_project_lite::pin_project! {
@@ -297,31 +246,37 @@ impl Relay {
     }
 }
 
-/// Copies a manifest response aside as it streams to the client, then hands it
-/// to validation. Frames are `Bytes` clones (reference counts, no copy) until
-/// the end; nothing is held back from the client. Over the manifest cap, or if
-/// the client leaves early, the job goes without a body (the worker fetches it).
+/// What a [`Tap`] does with its copy when the body ends: `Some` with the whole body,
+/// `None` when it is not whole (the client left, or it outgrew the tap's limit).
+pub type Deliver = Box<dyn FnOnce(Option<Bytes>) + Send>;
+
+/// The record of one exchange that a response body carries, finished (logged and
+/// counted) when dropped: a hook, so bodies know nothing of who keeps the record.
+pub trait ExchangeRecord: Send {
+    /// The counters the exchange's bodies share.
+    fn tally(&self) -> &Tally;
+}
+
+/// Copies a manifest response aside as it streams to the client, then hands the copy
+/// on. Frames are `Bytes` clones (reference counts, no copy) until the end; nothing is
+/// held back from the client. Over `limit`, or if the client leaves early, there is no
+/// copy to hand on.
 pub struct Tap {
     parts: Vec<Bytes>,
     len: usize,
     overflow: bool,
-    job: Option<Job>,
-    /// The copy's share of the manifest memory budget (sized by `Content-Length`).
-    held: Option<Held>,
     limit: usize,
-    validator: Arc<Validator>,
+    deliver: Option<Deliver>,
 }
 
 impl Tap {
-    pub fn new(job: Job, held: Held, validator: Arc<Validator>) -> Self {
+    pub fn new(limit: usize, deliver: Deliver) -> Self {
         Tap {
             parts: Vec::new(),
             len: 0,
             overflow: false,
-            job: Some(job),
-            limit: held.bytes().min(crate::oci::MAX_MANIFEST_BYTES),
-            held: Some(held),
-            validator,
+            limit,
+            deliver: Some(deliver),
         }
     }
 
@@ -330,7 +285,7 @@ impl Tap {
             return;
         }
         self.len += data.len();
-        // Never more than the share it holds, whatever the upstream sends.
+        // Never more than its limit, whatever the upstream sends.
         if self.len > self.limit {
             self.overflow = true;
             self.parts = Vec::new();
@@ -340,19 +295,18 @@ impl Tap {
     }
 
     fn finish(&mut self, complete: bool) {
-        let Some(mut job) = self.job.take() else {
+        let Some(deliver) = self.deliver.take() else {
             return;
         };
-        if complete && !self.overflow {
+        let copy = (complete && !self.overflow).then(|| {
             let mut body = bytes::BytesMut::with_capacity(self.len);
             for p in self.parts.drain(..) {
                 body.extend_from_slice(&p);
             }
-            job.body = Some(body.freeze());
-            job.held = self.held.take();
-        }
-        self.held = None;
-        self.validator.submit(job);
+            body.freeze()
+        });
+        self.parts = Vec::new();
+        deliver(copy);
     }
 }
 
@@ -370,7 +324,7 @@ pin_project_lite::pin_project! {
     pub struct ResponseBody {
         #[pin]
         kind: ResponseKind,
-        exchange: Option<Exchange>,
+        exchange: Option<Box<dyn ExchangeRecord>>,
         tap: Option<Tap>,
     }
 }
@@ -425,7 +379,7 @@ impl ResponseBody {
     }
 
     /// Hands the exchange record to the body, to be finished when the body is.
-    pub fn attach(&mut self, exchange: Exchange) {
+    pub fn attach(&mut self, exchange: impl ExchangeRecord + 'static) {
         if self.is_end_stream() {
             // HEAD, 204, 304, empty bodies: hyper will not poll the body at all.
             exchange
@@ -433,7 +387,7 @@ impl ResponseBody {
                 .response_complete
                 .store(true, Ordering::Relaxed);
         }
-        self.exchange = Some(exchange);
+        self.exchange = Some(Box::new(exchange));
     }
 }
 

@@ -16,7 +16,7 @@ use http::HeaderValue;
 use prometheus::{Histogram, HistogramOpts, Registry};
 
 use crate::metrics::CounterSet;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use futures_util::future::join_all;
 
@@ -26,51 +26,7 @@ use crate::checker::{
 };
 use crate::oci::{self, Descriptor, Manifest, ManifestKind, ParseError};
 
-/// `[gate] mode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GateMode {
-    /// Refuse what would be broken on the first pull.
-    Enforce,
-    /// Forward everything; count what enforce would have refused.
-    Audit,
-    /// No checks.
-    Off,
-}
-
-/// `[gate] on_check_error`: what to do when a reference cannot be checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnCheckError {
-    /// 503 `UNAVAILABLE` with `Retry-After`: a registry that cannot answer a HEAD would not
-    /// store the manifest well either.
-    Reject,
-    /// Forward the push unchecked.
-    Allow,
-}
-
-/// `[gate] depth`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GateDepth {
-    /// Also each child image's config and layers, following nested indexes.
-    Deep,
-    /// Only the manifest's own references.
-    Shallow,
-}
-
-/// Validated `[gate]` settings.
-#[derive(Debug, Clone)]
-pub struct GateSettings {
-    pub mode: GateMode,
-    pub on_check_error: OnCheckError,
-    pub depth: GateDepth,
-    pub max_depth: u32,
-    /// Distinct references one push may make the gate ask about.
-    pub max_references: usize,
-    /// Manifest bytes held in memory at once, by all pushes and response taps together.
-    pub max_buffered_bytes: usize,
-}
+pub use crate::config::features::{GateDepth, GateMode, GateSettings, OnCheckError};
 
 /// One thing wrong with a pushed manifest.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use http::HeaderValue;
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use serde::Serialize;
 
-use crate::checker::RefKind;
+use crate::oci::RefKind;
 
 /// One broken reference. No `Debug`: it holds credentials.
 #[derive(Clone, Serialize)]

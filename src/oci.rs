@@ -27,6 +27,31 @@ pub fn accept_all() -> HeaderValue {
     HeaderValue::from_static(ACCEPT_ALL)
 }
 
+/// What kind of reference a descriptor is: a manifest (`/manifests/`) or a blob (`/blobs/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefKind {
+    Manifest,
+    Blob,
+}
+
+impl RefKind {
+    /// The metric and log label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefKind::Manifest => "manifest",
+            RefKind::Blob => "blob",
+        }
+    }
+    /// The path segment the distribution API uses for it.
+    pub fn path(self) -> &'static str {
+        match self {
+            RefKind::Manifest => "manifests",
+            RefKind::Blob => "blobs",
+        }
+    }
+}
+
 /// What a media type says a manifest is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ManifestKind {

@@ -17,29 +17,13 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Op
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::body::UpstreamBody;
 use crate::config::Upstream;
 use crate::oci::{self, ManifestKind, MAX_MANIFEST_BYTES};
+use crate::upstream::UpstreamBody;
 use crate::upstream::{user_agent, UpstreamClient};
 use crate::validate::{Inspector, Job};
 
-/// How a scan walks.
-#[derive(Debug, Clone)]
-pub struct ScanSettings {
-    /// Run in the background every `interval` (serve only).
-    pub enabled: bool,
-    pub interval: Duration,
-    /// Tags validated at once.
-    pub concurrency: usize,
-    /// Upstream listing/manifest requests per second at most (checks ride the shared cache).
-    pub rate: u32,
-    /// Page size for the catalog and tag lists.
-    pub page_size: u32,
-    /// Also check every image's config and layers.
-    pub blobs: bool,
-    /// `Authorization` for the scan's own requests (service credentials). Never logged.
-    pub auth: Option<HeaderValue>,
-}
+pub use crate::config::features::ScanSettings;
 
 /// What one scan found.
 #[derive(Debug, Clone, Default, Serialize)]

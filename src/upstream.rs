@@ -24,7 +24,61 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::UpstreamBody;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::body::{full_hint, poll_full, BoxError, Metered};
+
+pin_project_lite::pin_project! {
+    /// The body of a request regguard sends upstream.
+    #[project = UpstreamBodyProj]
+    pub enum UpstreamBody {
+        /// A client's body, streamed through.
+        Client { #[pin] body: Metered<Incoming> },
+        /// Bytes regguard holds (a manifest it has read, or nothing).
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl UpstreamBody {
+    /// No body (HEAD/GET checks, readiness probes).
+    pub fn empty() -> Self {
+        UpstreamBody::Full { data: None }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            UpstreamBodyProj::Client { body } => body.poll_frame(cx),
+            UpstreamBodyProj::Full { data } => poll_full(data),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Client { body } => body.is_end_stream(),
+            UpstreamBody::Full { data } => data.as_ref().is_none_or(|d| d.is_empty()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Client { body } => body.size_hint(),
+            UpstreamBody::Full { data } => full_hint(data),
+        }
+    }
+}
 
 /// The upstream client type. The connector speaks plain HTTP and, for `https://`
 /// registries, TLS (rustls): SNI and certificate verification use the URL's host name.

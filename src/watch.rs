@@ -14,8 +14,8 @@ use std::time::Duration;
 use http::{header, Request};
 use prometheus::{IntCounter, IntGauge, Registry};
 
-use crate::body::UpstreamBody;
 use crate::config::Upstream;
+use crate::upstream::UpstreamBody;
 use crate::upstream::{user_agent, UpstreamClient};
 
 /// How often the upstream is probed. A registry stopped for a garbage collection is

@@ -19,15 +19,16 @@ use http_body_util::{BodyExt, Limited};
 use moka::future::Cache;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
-use crate::body::UpstreamBody;
 use crate::config::Upstream;
 use crate::oci::{self, Descriptor, Manifest, ManifestKind, MAX_MANIFEST_BYTES};
+use crate::upstream::UpstreamBody;
 use crate::upstream::{user_agent, UpstreamClient};
 use crate::watch::UpstreamWatch;
 
 mod outcome;
 mod walk;
-pub use outcome::{judge, FetchError, Outcome, Presence, RefKind};
+pub use crate::oci::RefKind;
+pub use outcome::{judge, FetchError, Outcome, Presence};
 pub use walk::{OverBudget, Visit, Walk, DEFAULT_MAX_REFERENCES};
 
 /// Cache lifetimes and limits.

@@ -1,30 +1,7 @@
 //! The checker's vocabulary: what kind of reference, what the registry said about it,
 //! and the verdict on a descriptor (`judge`). Pure values and functions; no I/O.
 
-use crate::oci::{self, Descriptor};
-
-/// What kind of reference a descriptor is: a manifest (`/manifests/`) or a blob (`/blobs/`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RefKind {
-    Manifest,
-    Blob,
-}
-
-impl RefKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RefKind::Manifest => "manifest",
-            RefKind::Blob => "blob",
-        }
-    }
-    pub(super) fn path(self) -> &'static str {
-        match self {
-            RefKind::Manifest => "manifests",
-            RefKind::Blob => "blobs",
-        }
-    }
-}
+use crate::oci::{self, Descriptor, RefKind};
 
 /// What the upstream said about a reference (cached).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,8 +13,8 @@ use http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use super::credentials::Login;
-use crate::body::UpstreamBody;
 use crate::oci::MAX_MANIFEST_BYTES;
+use crate::upstream::UpstreamBody;
 use crate::upstream::{user_agent, TlsVerify, UpstreamClient};
 
 /// How long one request of the CLI may take, head and body.

@@ -150,7 +150,7 @@ pub async fn registry_url(host: &str, insecure: bool) -> String {
     );
     let probe = http::Request::get(format!("https://{host}/v2/"))
         .header(http::header::USER_AGENT, crate::upstream::user_agent())
-        .body(crate::body::UpstreamBody::empty());
+        .body(crate::upstream::UpstreamBody::empty());
     let speaks_tls = match probe {
         Ok(req) => matches!(
             tokio::time::timeout(std::time::Duration::from_secs(5), pools.lean().request(req))

@@ -14,6 +14,7 @@
 //! It must not know about requests, listeners or the process environment (the binary passes
 //! the `REGGUARD_*` variables in as an [`Environment`]).
 
+pub mod features;
 pub mod keys;
 mod sections;
 mod sources;
@@ -91,8 +92,8 @@ pub struct Settings {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     pub validate: ValidateSettings,
     pub metrics: MetricsSettings,
-    pub gate: crate::gate::GateSettings,
-    pub scan: crate::scan::ScanSettings,
+    pub gate: features::GateSettings,
+    pub scan: features::ScanSettings,
 }
 
 /// Validated `[validate]` settings.
@@ -300,7 +301,7 @@ mod tests {
         let s = Settings::from_sources(&ServeArgs::default(), &e, Some((Path::new("f"), file)))
             .unwrap();
         assert_eq!(s.validate.ok_ttl, Duration::from_secs(120));
-        assert_eq!(s.gate.mode, crate::gate::GateMode::Audit);
+        assert_eq!(s.gate.mode, super::features::GateMode::Audit);
     }
 
     #[test]
@@ -406,7 +407,7 @@ mod tests {
         );
         // The output is a TOML file with the same settings.
         let reparsed = Settings::from_toml(&text).unwrap();
-        assert_eq!(reparsed.gate.mode, crate::gate::GateMode::Audit);
+        assert_eq!(reparsed.gate.mode, super::features::GateMode::Audit);
     }
 
     #[test]
@@ -434,7 +435,7 @@ mod tests {
 
     #[test]
     fn gate_section_defaults_and_values() {
-        use crate::gate::{GateDepth, GateMode, OnCheckError};
+        use super::features::{GateDepth, GateMode, OnCheckError};
         let s = Settings::from_toml("").unwrap();
         assert_eq!(s.gate.mode, GateMode::Enforce);
         assert_eq!(s.gate.on_check_error, OnCheckError::Reject);

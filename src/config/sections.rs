@@ -105,8 +105,8 @@ fn validate(m: &Merged) -> Result<ValidateSettings, ConfigError> {
     })
 }
 
-fn gate(m: &Merged, max_depth: u32) -> Result<crate::gate::GateSettings, ConfigError> {
-    Ok(crate::gate::GateSettings {
+fn gate(m: &Merged, max_depth: u32) -> Result<super::features::GateSettings, ConfigError> {
+    Ok(super::features::GateSettings {
         mode: m.choice("gate.mode")?,
         on_check_error: m.choice("gate.on_check_error")?,
         depth: m.choice("gate.depth")?,
@@ -118,7 +118,7 @@ fn gate(m: &Merged, max_depth: u32) -> Result<crate::gate::GateSettings, ConfigE
     })
 }
 
-fn scan(m: &Merged) -> Result<crate::scan::ScanSettings, ConfigError> {
+fn scan(m: &Merged) -> Result<super::features::ScanSettings, ConfigError> {
     let file = m.path("scan.credentials_file")?;
     let env = (
         m.env.get("REGGUARD_SCAN_USER"),
@@ -142,7 +142,7 @@ fn scan(m: &Merged) -> Result<crate::scan::ScanSettings, ConfigError> {
         }
         _ => None,
     };
-    Ok(crate::scan::ScanSettings {
+    Ok(super::features::ScanSettings {
         enabled: m.bool("scan.enabled")?,
         interval: m.duration("scan.interval")?,
         concurrency: m.count("scan.concurrency")?,

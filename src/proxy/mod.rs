@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::Tap;
-use crate::body::{Direction, Metered, ResponseBody, Tally, UpstreamBody};
+use crate::body::{Direction, Metered, ResponseBody, Tally};
 use crate::checker::RefKind;
 use crate::config::Upstream;
 use crate::error::ForwardError;
@@ -32,6 +32,7 @@ use crate::gate::{Gate, GateMode, OnCheckError, Verdict};
 use crate::metrics::{method_index, Metrics};
 use crate::oci::{self, ManifestKind};
 use crate::route::{self, RouteKind};
+use crate::upstream::UpstreamBody;
 use crate::upstream::{BulkPermit, Pools};
 use crate::validate::{Job, Validator};
 
@@ -480,12 +481,13 @@ pub struct Exchange {
     _bulk: Option<BulkPermit>,
 }
 
-impl Exchange {
-    /// The counters shared with this exchange's bodies.
-    pub fn tally(&self) -> &Tally {
+impl crate::body::ExchangeRecord for Exchange {
+    fn tally(&self) -> &Tally {
         &self.tally
     }
+}
 
+impl Exchange {
     fn outcome(&self) -> &'static str {
         if self.status.is_none() {
             return "client_closed";

@@ -164,9 +164,19 @@ impl Proxy {
             _ => None,
         };
         match held {
-            Some(held) => resp
-                .body_mut()
-                .tap(Tap::new(job, held, v.validator.clone())),
+            Some(held) => {
+                let limit = held.bytes().min(oci::MAX_MANIFEST_BYTES);
+                let validator = v.validator.clone();
+                let deliver: crate::body::Deliver = Box::new(move |copy| {
+                    let mut job = job;
+                    if let Some(body) = copy {
+                        job.body = Some(body);
+                        job.held = Some(held); // given back when the job is done
+                    }
+                    validator.submit(job);
+                });
+                resp.body_mut().tap(Tap::new(limit, deliver))
+            }
             None => v.validator.submit(job),
         }
     }
