@@ -220,17 +220,28 @@ impl RegistryAccess {
         if let Some(a) = auth {
             req.headers_mut().insert(header::AUTHORIZATION, a.clone());
         }
+        self.exchange(req, &format!("GET {url}"), url).await
+    }
+
+    /// Sends `req` and reads the whole answer (at most 4 MiB) within [`REQUEST_DEADLINE`].
+    /// `what` names the request in errors; `target` is what a transport error is about.
+    async fn exchange(
+        &self,
+        req: Request<UpstreamBody>,
+        what: &str,
+        target: &str,
+    ) -> Result<Reply, Problem> {
         let exchange = async {
             let resp = self
                 .client
                 .request(req)
                 .await
-                .map_err(|e| Problem::Unreachable(explain_transport(&e, url)))?;
+                .map_err(|e| Problem::Unreachable(explain_transport(&e, target)))?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_MANIFEST_BYTES)
                 .collect()
                 .await
-                .map_err(|e| Problem::Other(format!("GET {url}: reading the answer: {e}")))?
+                .map_err(|e| Problem::Other(format!("{what}: reading the answer: {e}")))?
                 .to_bytes();
             Ok(Reply {
                 status: parts.status,
@@ -242,7 +253,7 @@ impl RegistryAccess {
             .await
             .map_err(|_| {
                 Problem::Unreachable(format!(
-                    "GET {url}: no answer within {REQUEST_DEADLINE:?}; is the address right, and is the registry overloaded?"
+                    "{what}: no answer within {REQUEST_DEADLINE:?}; is the address right, and is the registry overloaded?"
                 ))
             })?
     }
@@ -453,27 +464,7 @@ impl RegistryAccess {
                 data: Some(Bytes::from(form)),
             })
             .map_err(|e| Problem::Other(format!("POST {realm}: {e}")))?;
-        let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| Problem::Unreachable(explain_transport(&e, realm)))?;
-            let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_MANIFEST_BYTES)
-                .collect()
-                .await
-                .map_err(|e| Problem::Other(format!("POST {realm}: {e}")))?
-                .to_bytes();
-            Ok(Reply {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
-        };
-        tokio::time::timeout(REQUEST_DEADLINE, exchange)
-            .await
-            .map_err(|_| Problem::Unreachable(format!("POST {realm}: no answer")))?
+        self.exchange(req, &format!("POST {realm}"), realm).await
     }
 
     /// `GET path` with the credentials for `scope`; 401 and 403 are explained (what was sent,
