@@ -130,6 +130,11 @@ impl moka::Expiry<PresenceKey, Cached> for PresenceExpiry {
 
 type PresenceKey = (Arc<str>, Arc<str>, RefKind);
 
+/// What the presence cache knows a reference by: presence is per repository.
+fn presence_key(repo: &str, digest: &str, kind: RefKind) -> PresenceKey {
+    (Arc::from(repo), Arc::from(digest), kind)
+}
+
 struct CheckerMetrics {
     checks: Vec<IntCounter>,
     duration: Histogram,
@@ -246,7 +251,7 @@ impl Checker {
         auth: Option<&HeaderValue>,
         strict_media: bool,
     ) -> Outcome {
-        let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
+        let key = presence_key(repo, &desc.digest, kind);
         let entry = self
             .presence
             .entry(key)
@@ -276,7 +281,7 @@ impl Checker {
         let presence = self.ask(repo, &desc.digest, kind, auth).await;
         self.metrics.misses.inc();
         if matches!(presence, Presence::Found { .. } | Presence::NotFound) {
-            let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
+            let key = presence_key(repo, &desc.digest, kind);
             self.presence
                 .insert(key, Cached::now(presence.clone()))
                 .await;
@@ -295,7 +300,7 @@ impl Checker {
         auth: Option<&HeaderValue>,
         strict_media: bool,
     ) -> Outcome {
-        let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
+        let key = presence_key(repo, &desc.digest, kind);
         if let Some(c) = self.presence.get(&key).await {
             if !matches!(c.presence, Presence::Found { .. }) {
                 self.presence.invalidate(&key).await;
@@ -315,7 +320,7 @@ impl Checker {
         strict_media: bool,
         max_age: Duration,
     ) -> Outcome {
-        let key: PresenceKey = (Arc::from(repo), Arc::from(desc.digest.as_str()), kind);
+        let key = presence_key(repo, &desc.digest, kind);
         match self.presence.get(&key).await {
             Some(c) if c.at.elapsed() > max_age => {
                 self.check_fresh(repo, desc, kind, auth, strict_media).await
@@ -327,7 +332,7 @@ impl Checker {
     /// Forgets what is cached about `digest` in `repo` (both kinds): evidence of its loss.
     pub async fn forget(&self, repo: &str, digest: &str) {
         for kind in [RefKind::Manifest, RefKind::Blob] {
-            let key: PresenceKey = (Arc::from(repo), Arc::from(digest), kind);
+            let key = presence_key(repo, digest, kind);
             self.presence.invalidate(&key).await;
         }
     }
@@ -368,7 +373,7 @@ impl Checker {
         kind: RefKind,
         media_type: Option<String>,
     ) {
-        let key: PresenceKey = (Arc::from(repo), Arc::from(digest), kind);
+        let key = presence_key(repo, digest, kind);
         self.presence
             .insert(
                 key,
