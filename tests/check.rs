@@ -3,31 +3,14 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::oci;
 use common::{Registry, RegistryOptions};
 
 fn check(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regguard"));
-    cmd.arg("check")
-        .args(args)
-        .env_remove("REGGUARD_USER")
-        .env_remove("REGGUARD_PASSWORD")
-        .env("HOME", "/nonexistent");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        !stdout.contains("upstream") && !stderr.contains("upstream"),
-        "the CLI says `registry`, never `upstream`:\n{stdout}{stderr}"
-    );
-    (out.status.code(), stdout, stderr)
+    let all: Vec<&str> = std::iter::once("check")
+        .chain(args.iter().copied())
+        .collect();
+    common::run_cli(&all, env)
 }
 
 #[test]

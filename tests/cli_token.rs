@@ -341,25 +341,7 @@ fn fixture() -> Fixture {
 }
 
 fn regguard(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regguard"));
-    cmd.args(args)
-        .env_remove("REGGUARD_USER")
-        .env_remove("REGGUARD_PASSWORD")
-        .env_remove("DOCKER_CONFIG")
-        .env("HOME", "/nonexistent");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        !stdout.contains("upstream") && !stderr.contains("upstream"),
-        "the CLI says `registry`, never `upstream`:\n{stdout}{stderr}"
-    );
-    (out.status.code(), stdout, stderr)
+    common::run_cli(args, env)
 }
 
 #[test]

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::oci;
@@ -207,25 +206,10 @@ fn scan_with_service_credentials_never_logs_or_exports_them() {
 }
 
 fn cli_scan(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_regguard"))
-        .arg("scan")
-        .args(args)
-        .env_remove("REGGUARD_USER")
-        .env_remove("REGGUARD_PASSWORD")
-        .env_remove("REGGUARD_REGISTRY")
-        .env_remove("DOCKER_CONFIG")
-        .env("HOME", "/nonexistent")
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        !stdout.contains("upstream") && !stderr.contains("upstream"),
-        "the CLI says `registry`, never `upstream`:\n{stdout}{stderr}"
-    );
-    (out.status.code(), stdout, stderr)
+    let all: Vec<&str> = std::iter::once("scan")
+        .chain(args.iter().copied())
+        .collect();
+    common::run_cli(&all, &[])
 }
 
 #[test]

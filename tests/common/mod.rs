@@ -690,3 +690,29 @@ pub fn skopeo_round_trip(
     );
     work
 }
+
+/// Runs the `regguard` CLI with `args`, isolated from the caller's credentials (no
+/// `REGGUARD_USER`/`_PASSWORD`/`_REGISTRY`, no docker config) plus `env`; returns the
+/// exit code, stdout and stderr. Every CLI message says "registry", never "upstream".
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regguard"));
+    cmd.args(args)
+        .env_remove("REGGUARD_USER")
+        .env_remove("REGGUARD_PASSWORD")
+        .env_remove("REGGUARD_REGISTRY")
+        .env_remove("DOCKER_CONFIG")
+        .env("HOME", "/nonexistent");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        !stdout.contains("upstream") && !stderr.contains("upstream"),
+        "the CLI says `registry`, never `upstream`:\n{stdout}{stderr}"
+    );
+    (out.status.code(), stdout, stderr)
+}
