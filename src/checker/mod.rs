@@ -262,9 +262,7 @@ impl Checker {
         } else {
             self.metrics.hits.inc();
         }
-        let outcome = judge(&entry.value().presence, desc, strict_media);
-        self.count(kind, &outcome);
-        outcome
+        self.verdict(&entry.value().presence, desc, kind, strict_media)
     }
 
     /// Asks the upstream now, never from the cache, and caches the answer. The gate's
@@ -286,7 +284,18 @@ impl Checker {
                 .insert(key, Cached::now(presence.clone()))
                 .await;
         }
-        let outcome = judge(&presence, desc, strict_media);
+        self.verdict(&presence, desc, kind, strict_media)
+    }
+
+    /// Judges `desc` by what the upstream said, and counts the outcome.
+    fn verdict(
+        &self,
+        presence: &Presence,
+        desc: &Descriptor,
+        kind: RefKind,
+        strict_media: bool,
+    ) -> Outcome {
+        let outcome = judge(presence, desc, strict_media);
         self.count(kind, &outcome);
         outcome
     }
