@@ -29,6 +29,8 @@ pub struct Admin {
     pub supervisor: Arc<crate::supervise::Supervisor>,
     /// Told of the registry's delete notifications.
     pub validator: Arc<crate::validate::Validator>,
+    /// Forgets what the registry says was deleted on purpose.
+    pub vault: Option<Arc<crate::vault::Vault>>,
 }
 
 /// The largest notification envelope read (the registry sends a few events at a time).
@@ -54,6 +56,8 @@ struct Event {
 struct Target {
     #[serde(default)]
     repository: String,
+    #[serde(default)]
+    digest: String,
 }
 
 impl Admin {
@@ -133,6 +137,13 @@ impl Admin {
                 )
             }
         };
+        if let Some(vault) = &self.vault {
+            for e in envelope.events.iter().filter(|e| e.action == "delete") {
+                if !e.target.repository.is_empty() && !e.target.digest.is_empty() {
+                    vault.forget(&e.target.repository, &e.target.digest).await;
+                }
+            }
+        }
         let mut repositories: Vec<&str> = envelope
             .events
             .iter()

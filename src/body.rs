@@ -172,6 +172,7 @@ pin_project_lite::pin_project! {
         Upstream { #[pin] body: Metered<Incoming> },
         Full { data: Option<Bytes> },
         Relayed { relay: Relay },
+        Stream { #[pin] body: http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> },
     }
 }
 
@@ -348,6 +349,15 @@ impl ResponseBody {
         }
     }
 
+    /// A stream regguard produces itself (content served from the vault).
+    pub fn stream(body: http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Stream { body },
+            exchange: None,
+            tap: None,
+        }
+    }
+
     /// Hands the upstream body to a [`Relay`] task (HTTP/2 downloads: see there).
     pub fn relayed(
         self,
@@ -421,6 +431,28 @@ impl Body for ResponseBody {
                 polled
             }
             ResponseKindProj::Relayed { relay } => relay.poll_frame(cx),
+            ResponseKindProj::Stream { body } => {
+                let polled = body.poll_frame(cx);
+                if let Some(ex) = this.exchange.as_ref() {
+                    match &polled {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Some(d) = frame.data_ref() {
+                                ex.tally()
+                                    .bytes_out
+                                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+                            }
+                        }
+                        Poll::Ready(None) => {
+                            ex.tally().response_complete.store(true, Ordering::Relaxed);
+                        }
+                        Poll::Ready(Some(Err(_))) => {
+                            ex.tally().response_failed.store(true, Ordering::Relaxed);
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                polled
+            }
             ResponseKindProj::Full { data } => {
                 if let (Some(ex), Some(d)) = (this.exchange.as_ref(), data.as_ref()) {
                     ex.tally()
@@ -437,6 +469,7 @@ impl Body for ResponseBody {
         match &self.kind {
             ResponseKind::Upstream { body } => body.is_end_stream(),
             ResponseKind::Relayed { relay } => relay.done,
+            ResponseKind::Stream { body } => body.is_end_stream(),
             ResponseKind::Full { data } => data.as_ref().is_none_or(|d| d.is_empty()),
         }
     }
@@ -445,6 +478,7 @@ impl Body for ResponseBody {
         match &self.kind {
             ResponseKind::Upstream { body } => body.size_hint(),
             ResponseKind::Relayed { relay } => relay.hint,
+            ResponseKind::Stream { body } => body.size_hint(),
             ResponseKind::Full { data } => full_hint(data),
         }
     }

@@ -37,12 +37,28 @@ pub struct BrokenRef {
     /// The descriptor's size, for re-checks.
     #[serde(skip)]
     pub size: u64,
+    /// What the vault did about it (absent when there is no vault).
+    #[serde(flatten)]
+    pub heal: HealNote,
+}
+
+/// What healing knows of a broken reference: shown in `/integrity` beside it.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct HealNote {
+    /// A client asked for the lost content and was answered from the vault.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub served_from_vault: bool,
+    /// The last repair's word on it, e.g. `unrepairable: layer sha256:… not in vault`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<String>,
 }
 
 type Key = (String, String, String);
 
 struct Inner {
     entries: HashMap<Key, BrokenRef>,
+    /// Heal notes by (repository, child digest): a note may come before the entry does.
+    notes: HashMap<(String, String), HealNote>,
 }
 
 /// Broken references remembered at most. An entry is under 1 KiB, so this bounds the
@@ -115,6 +131,7 @@ impl Integrity {
         Ok(Integrity {
             inner: Mutex::new(Inner {
                 entries: HashMap::new(),
+                notes: HashMap::new(),
             }),
             failures: failures.get_metric_with_label_values(&[instance])?,
             info,
@@ -130,7 +147,7 @@ impl Integrity {
     }
 
     /// Records a broken reference. Returns true when it was not known before.
-    pub fn report_broken(&self, b: BrokenRef) -> bool {
+    pub fn report_broken(&self, mut b: BrokenRef) -> bool {
         let key = (
             b.repository.clone(),
             b.index_digest.clone(),
@@ -147,6 +164,12 @@ impl Integrity {
         if inner.entries.len() >= MAX_ENTRIES {
             self.untracked.inc();
             return false;
+        }
+        if let Some(note) = inner
+            .notes
+            .get(&(b.repository.clone(), b.child_digest.clone()))
+        {
+            b.heal = note.clone();
         }
         tracing::warn!(
             repository = %b.repository,
@@ -180,6 +203,30 @@ impl Integrity {
         }
     }
 
+    /// Notes that a client was answered from the vault for `digest` in `repository`.
+    pub fn mark_served(&self, repository: &str, digest: &str) {
+        self.note(repository, digest, |n| n.served_from_vault = true);
+    }
+
+    /// Notes the last repair's word on `digest` in `repository` (`None`: nothing to say).
+    pub fn note_repair(&self, repository: &str, digest: &str, word: Option<String>) {
+        self.note(repository, digest, |n| n.repair = word.clone());
+    }
+
+    fn note(&self, repository: &str, digest: &str, change: impl Fn(&mut HealNote)) {
+        let mut inner = self.lock();
+        let key = (repository.to_owned(), digest.to_owned());
+        if !inner.notes.contains_key(&key) && inner.notes.len() >= MAX_ENTRIES {
+            return;
+        }
+        change(inner.notes.entry(key).or_default());
+        for b in inner.entries.values_mut() {
+            if b.repository == repository && b.child_digest == digest {
+                change(&mut b.heal);
+            }
+        }
+    }
+
     /// Records that a reference is present again; removes it if it was broken.
     pub fn report_ok(&self, repository: &str, index_digest: &str, child_digest: &str) {
         let key = (
@@ -188,6 +235,9 @@ impl Integrity {
             child_digest.to_string(),
         );
         let mut inner = self.lock();
+        inner
+            .notes
+            .remove(&(repository.to_owned(), child_digest.to_owned()));
         if let Some(b) = inner.entries.remove(&key) {
             // Good news, not a warning: INFO, so alerting on WARN does not page for a repair.
             self.forget(
@@ -301,6 +351,7 @@ mod tests {
             since: 0,
             auth: None,
             size: 1,
+            heal: Default::default(),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod conn;
 pub mod error;
 pub mod gate;
 pub mod gojson;
+pub mod heal;
 pub mod inspect;
 pub mod integrity;
 pub mod metrics;
@@ -31,6 +32,7 @@ pub mod supervise;
 pub mod tls;
 pub mod upstream;
 pub mod validate;
+pub mod vault;
 pub mod watch;
 
 /// The version string reported by `--version`, `/metrics` and the upstream User-Agent.

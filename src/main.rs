@@ -42,6 +42,28 @@ enum Command {
     /// a tree with each platform and what is missing. Exit 0: healthy; 1: broken; 2: not found,
     /// or could not check (the message says why and what to do).
     Check(CheckArgs),
+    /// Repair a whole registry from a vault (e.g. right after an offline garbage collection):
+    /// scan it, then for each broken reference re-upload lost blobs and re-PUT lost manifests
+    /// from the vault, reading each back. Prints the plan and each action. Exit 0: everything
+    /// repaired (or nothing broken); 1: something could not be (the output says what to
+    /// re-push); 2: could not run.
+    Heal(HealArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct HealArgs {
+    /// The registry, e.g. https://registry.example:5050 or http://registry-private:5000.
+    #[arg(long, env = "REGGUARD_REGISTRY", value_name = "URL")]
+    registry: String,
+    /// The vault: the directory `serve` keeps it in ([vault] url), or s3://bucket/prefix
+    /// (with the usual AWS_* variables).
+    #[arg(long, value_name = "URL")]
+    vault: String,
+    /// Print the plan; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    access: Access,
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +157,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Scan(args) => scan(args),
         Command::Check(args) => check(args),
+        Command::Heal(args) => heal(args),
         Command::Config(ConfigCommand::Check(args)) => config_check(args),
     }
 }
@@ -246,6 +269,41 @@ fn scan(args: ScanArgs) -> ExitCode {
         !result.broken.is_empty(),
         !r.catalog_accessible || r.errors > 0,
     )
+}
+
+fn heal(args: HealArgs) -> ExitCode {
+    let credentials =
+        match regguard::cli::credentials::Credentials::from_cli(args.access.user.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return cannot("heal", &e),
+        };
+    let runtime = match cli_runtime() {
+        Ok(rt) => rt,
+        Err(e) => return cannot("heal", &e),
+    };
+    let aws = std::env::vars()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .collect();
+    let result = runtime.block_on(regguard::cli::heal::heal_registry(
+        &args.registry,
+        &args.vault,
+        args.access.insecure,
+        &credentials,
+        args.dry_run,
+        aws,
+    ));
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => return cannot("heal", &format!("{}: {e}", args.registry)),
+    };
+    if let Err(e) = report(args.access.format, &result, || result.render_text()) {
+        return cannot("heal", &e);
+    }
+    if result.all_repaired() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn config_check(args: ConfigCheckArgs) -> ExitCode {

@@ -28,7 +28,7 @@ pub fn accept_all() -> HeaderValue {
 }
 
 /// What kind of reference a descriptor is: a manifest (`/manifests/`) or a blob (`/blobs/`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RefKind {
     Manifest,

@@ -67,6 +67,8 @@ pub enum ServeError {
     Tls(#[from] crate::tls::TlsError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Heal(#[from] crate::heal::run::StartError),
 }
 
 /// The addresses a running server actually bound (useful with port 0).
@@ -186,22 +188,33 @@ pub async fn serve(
         metrics.registry(),
     )?);
 
-    let proxy = Arc::new(
-        Proxy::new(
-            settings.upstream.clone(),
-            pools.clone(),
-            metrics.clone(),
-            crate::proxy::Timing {
-                idle_timeout: settings.idle_timeout,
-                connect_timeout: settings.connect_timeout,
-                access_log: settings.access_log,
-            },
-            validation,
-            Some(gate),
-        )
-        .with_watch(upstream_watch)
-        .with_trusted_proxies(&settings.trusted_proxies),
-    );
+    let heal = crate::heal::run::start(
+        &settings,
+        &pools,
+        &checker,
+        &integrity,
+        &supervisor,
+        metrics.registry(),
+    )?;
+    let proxy = Proxy::new(
+        settings.upstream.clone(),
+        pools.clone(),
+        metrics.clone(),
+        crate::proxy::Timing {
+            idle_timeout: settings.idle_timeout,
+            connect_timeout: settings.connect_timeout,
+            access_log: settings.access_log,
+        },
+        validation,
+        Some(gate),
+    )
+    .with_watch(upstream_watch)
+    .with_trusted_proxies(&settings.trusted_proxies);
+    let proxy = match &heal {
+        Some(h) => proxy.with_vault(h.vault.clone(), h.serving.clone()),
+        None => proxy,
+    };
+    let proxy = Arc::new(proxy);
     let admin = Arc::new(Admin {
         metrics: metrics.clone(),
         client: pools.lean().clone(),
@@ -209,6 +222,7 @@ pub async fn serve(
         integrity,
         supervisor,
         validator: admin_validator,
+        vault: heal.as_ref().map(|h| h.vault.clone()),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);

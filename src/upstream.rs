@@ -41,6 +41,8 @@ pin_project_lite::pin_project! {
         Client { #[pin] body: Metered<Incoming> },
         /// Bytes regguard holds (a manifest it has read, or nothing).
         Full { data: Option<Bytes> },
+        /// A stream regguard produces (a blob re-uploaded from the vault).
+        Stream { #[pin] body: http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> },
     }
 }
 
@@ -62,6 +64,7 @@ impl Body for UpstreamBody {
         match self.project() {
             UpstreamBodyProj::Client { body } => body.poll_frame(cx),
             UpstreamBodyProj::Full { data } => poll_full(data),
+            UpstreamBodyProj::Stream { body } => body.poll_frame(cx),
         }
     }
 
@@ -69,6 +72,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Client { body } => body.is_end_stream(),
             UpstreamBody::Full { data } => data.as_ref().is_none_or(|d| d.is_empty()),
+            UpstreamBody::Stream { body } => body.is_end_stream(),
         }
     }
 
@@ -76,6 +80,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Client { body } => body.size_hint(),
             UpstreamBody::Full { data } => full_hint(data),
+            UpstreamBody::Stream { body } => body.size_hint(),
         }
     }
 }
@@ -118,6 +123,28 @@ pub const BULK_STREAMS: usize = 8;
 /// The `User-Agent` of requests regguard makes on its own behalf.
 pub fn user_agent() -> http::HeaderValue {
     http::HeaderValue::from_static(concat!("regguard/", env!("CARGO_PKG_VERSION")))
+}
+
+/// A request regguard makes on its own behalf (checks, vault fills, repairs): the upstream's
+/// URI and Host, regguard's User-Agent, and the credentials of whoever it acts for.
+pub fn own_request(
+    upstream: &crate::config::Upstream,
+    method: http::Method,
+    path_and_query: &str,
+    auth: Option<&http::HeaderValue>,
+    body: UpstreamBody,
+) -> Result<http::Request<UpstreamBody>, http::Error> {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(upstream.uri_for(path_and_query)?)
+        .header(http::header::HOST, upstream.host_header.clone())
+        .header(http::header::USER_AGENT, user_agent())
+        .body(body)?;
+    if let Some(a) = auth {
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, a.clone());
+    }
+    Ok(req)
 }
 
 /// The two pools and the bulk budget.

@@ -154,7 +154,13 @@ pub struct Checker {
     metrics: CheckerMetrics,
     /// Told when the upstream cannot be reached, and when it answers (see `watch`).
     watch: std::sync::OnceLock<Arc<UpstreamWatch>>,
+    /// Told of every manifest fetched and verified (the vault keeps them).
+    on_fetched: std::sync::OnceLock<FetchedHook>,
 }
+
+/// Called with (repository, digest, media type, bytes, credentials) of each manifest the
+/// checker fetched and verified.
+pub type FetchedHook = Arc<dyn Fn(&str, &str, &str, &Bytes, Option<&HeaderValue>) + Send + Sync>;
 
 impl Checker {
     pub fn new(
@@ -217,6 +223,7 @@ impl Checker {
             presence,
             manifests,
             watch: std::sync::OnceLock::new(),
+            on_fetched: std::sync::OnceLock::new(),
             metrics: CheckerMetrics {
                 checks: handles,
                 duration,
@@ -229,6 +236,11 @@ impl Checker {
     /// Reports reachability to `watch` from now on.
     pub fn watch(&self, watch: Arc<UpstreamWatch>) {
         let _ = self.watch.set(watch);
+    }
+
+    /// Tells `hook` of every manifest fetched and verified from now on.
+    pub fn on_fetched(&self, hook: FetchedHook) {
+        let _ = self.on_fetched.set(hook);
     }
 
     /// Checks one descriptor in `repo`, from the cache when it can.
@@ -544,11 +556,13 @@ impl Checker {
         if !status.is_success() {
             return Err(FetchError::Status(status.as_u16()));
         }
-        let hint = resp
+        let content_type = resp
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .and_then(oci::manifest_kind);
+            .map(|ct| oci::media_type_essence(ct).to_owned())
+            .unwrap_or_default();
+        let hint = oci::manifest_kind(&content_type);
         let body = tokio::time::timeout(
             self.settings.check_timeout,
             Limited::new(resp.into_body(), MAX_MANIFEST_BYTES).collect(),
@@ -563,12 +577,15 @@ impl Checker {
             }
         })?
         .to_bytes();
-        let (found, parsed) = digest_and_parse(body, hint).await;
+        let (found, parsed) = digest_and_parse(body.clone(), hint).await;
         if found != digest {
             return Err(FetchError::DigestMismatch {
                 expected: digest.to_string(),
                 found,
             });
+        }
+        if let Some(hook) = self.on_fetched.get() {
+            hook(repo, digest, &content_type, &body, auth);
         }
         Ok(Arc::new(parsed?))
     }

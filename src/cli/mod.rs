@@ -5,5 +5,6 @@
 pub mod access;
 pub mod check;
 pub mod credentials;
+pub mod heal;
 pub mod reference;
 pub mod scan;

@@ -172,14 +172,8 @@ async fn attestation_subjects(
     labels
 }
 
-/// `regguard scan`: reaches the registry (explaining why not), checks catalog access, scans.
-pub async fn scan_registry(
-    registry: &str,
-    insecure: bool,
-    credentials: &Credentials,
-    page_size: u32,
-    concurrency: usize,
-) -> Result<ScanOutcome, Problem> {
+/// `--registry`'s scheme (if given) and host.
+pub(crate) fn split_registry(registry: &str) -> Result<(Option<&'static str>, &str), Problem> {
     let trimmed = registry.trim().trim_end_matches('/');
     let trimmed = trimmed.strip_suffix("/v2").unwrap_or(trimmed);
     let lower = trimmed.to_ascii_lowercase();
@@ -195,6 +189,18 @@ pub async fn scan_registry(
             "--registry `{registry}`: expected a registry address, e.g. https://registry.example:5050"
         )));
     }
+    Ok((scheme, host))
+}
+
+/// `regguard scan`: reaches the registry (explaining why not), checks catalog access, scans.
+pub async fn scan_registry(
+    registry: &str,
+    insecure: bool,
+    credentials: &Credentials,
+    page_size: u32,
+    concurrency: usize,
+) -> Result<ScanOutcome, Problem> {
+    let (scheme, host) = split_registry(registry)?;
     let base = base_url(scheme, host, insecure).await?;
     let login = credentials.for_host(host).map_err(Problem::Auth)?;
     let access = Arc::new(RegistryAccess::new(&base, insecure, login));

@@ -1,6 +1,7 @@
 //! The settings types of the features above config (the push gate, the scan): config
 //! builds them, the features read them, and so config never names a feature's module.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -67,5 +68,80 @@ pub struct ScanSettings {
     /// Also check every image's config and layers.
     pub blobs: bool,
     /// `Authorization` for the scan's own requests (service credentials). Never logged.
+    pub auth: Option<HeaderValue>,
+}
+
+/// Where a vault lives: a directory, or `s3://bucket/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultLocation {
+    Dir(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+impl VaultLocation {
+    /// `s3://bucket[/prefix]`, else a filesystem path.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Some(rest) = text.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!(
+                    "`{text}` names no bucket (expected s3://bucket/prefix)"
+                ));
+            }
+            return Ok(VaultLocation::S3 {
+                bucket: bucket.to_owned(),
+                prefix: prefix.trim_matches('/').to_owned(),
+            });
+        }
+        if text.contains("://") {
+            return Err(format!(
+                "`{text}`: a vault is a directory or s3://bucket/prefix"
+            ));
+        }
+        if text.is_empty() {
+            return Err("empty vault location".into());
+        }
+        Ok(VaultLocation::Dir(PathBuf::from(text)))
+    }
+}
+
+impl std::fmt::Display for VaultLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VaultLocation::Dir(p) => p.display().fmt(f),
+            VaultLocation::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            VaultLocation::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// Validated `[vault]` settings.
+#[derive(Debug, Clone)]
+pub struct VaultSettings {
+    /// Where; `None`: no vault.
+    pub location: Option<VaultLocation>,
+    /// The location is the built-in default (a failure to open it is a warning, not an error).
+    pub default_location: bool,
+    /// Keep every blob that passes through, not only configs.
+    pub layers: bool,
+    /// Blobs over this many bytes are not kept when `layers` is off (configs are small).
+    pub max_blob_size: u64,
+    /// Entries not seen for this long are pruned.
+    pub retention: Duration,
+    /// Content bytes kept at most (least recently seen evicted first); `None`: no cap.
+    pub max_bytes: Option<u64>,
+    /// The process's `AWS_*` variables, for an S3 vault.
+    pub aws: Vec<(String, String)>,
+}
+
+/// Validated `[heal]` settings.
+#[derive(Debug, Clone)]
+pub struct HealSettings {
+    /// Answer a client's 404 with the vault's bytes.
+    pub serve: bool,
+    /// Repair the registry from the vault.
+    pub repair: bool,
+    /// `Authorization` for repairs (push credentials). Never logged.
     pub auth: Option<HeaderValue>,
 }

@@ -162,6 +162,24 @@ pub const KEYS: &[Key] = &[
         "`n` for catalog and tag-list pages (the `Link` header is followed; registry 2.8 ignores `n` on tag lists)"),
     key("scan.credentials_file", Kind::Path, Default::Unset("none"),
         "a file with `user:password` for the scan (or `REGGUARD_SCAN_USER` + `REGGUARD_SCAN_PASSWORD`)"),
+    // ---- [vault]
+    key("vault.url", Kind::Text, Default::Unset("`$STATE_DIRECTORY/vault` under systemd (`StateDirectory=`), else no vault"),
+        "where the vault keeps what regguard has seen: a directory, or `s3://bucket/prefix` (credentials, region and endpoint from the usual `AWS_*` variables, e.g. `AWS_ENDPOINT`, `AWS_ALLOW_HTTP=true`); `none` turns the vault off"),
+    key("vault.layers", Kind::Bool, Default::Value("false"),
+        "also keep every layer (doubles storage), not only manifests and configs"),
+    key("vault.max_blob_size", Kind::Count { min: 0 }, Default::Value("4194304"),
+        "with `layers` off, blobs (configs) over this many bytes are not kept"),
+    key("vault.retention", Kind::Duration, Default::Value("30days"),
+        "entries not seen for this long are pruned"),
+    key("vault.max_bytes", Kind::Count { min: 0 }, Default::Value("0"),
+        "content bytes kept at most, least recently seen evicted first; 0: no cap"),
+    // ---- [heal]
+    key("heal.serve", Kind::Bool, Default::Unset("true when a vault is on"),
+        "answer a client's 404 for a manifest or blob by digest with the vault's bytes, if it was seen in that repository"),
+    key("heal.repair", Kind::Bool, Default::Value("false"),
+        "repair the registry from the vault: re-upload lost blobs, re-PUT lost manifests, verify by GET"),
+    key("heal.credentials_file", Kind::Path, Default::Unset("none"),
+        "a file with `user:password` allowed to push, for repairs (or `REGGUARD_HEAL_USER` + `REGGUARD_HEAL_PASSWORD`)"),
     // ---- [metrics]
     key("metrics.instance", Kind::Text, Default::Unset("host name"),
         "`instance` label of `registry_manifest_integrity_failures`"),
@@ -180,6 +198,11 @@ pub const OTHER_ENV: &[(&str, &str)] = &[
     (
         "REGGUARD_SCAN_PASSWORD",
         "password of the scan's credentials",
+    ),
+    ("REGGUARD_HEAL_USER", "user name of the repair credentials"),
+    (
+        "REGGUARD_HEAL_PASSWORD",
+        "password of the repair credentials",
     ),
     ("REGGUARD_USER", "`check` and `scan`: the user name"),
     ("REGGUARD_PASSWORD", "`check` and `scan`: the password"),

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use features::{HealSettings, VaultLocation, VaultSettings};
 pub use sources::{Environment, ServeArgs, Source};
 pub use upstream::{basic_auth, Upstream};
 
@@ -94,6 +95,8 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub gate: features::GateSettings,
     pub scan: features::ScanSettings,
+    pub vault: features::VaultSettings,
+    pub heal: features::HealSettings,
 }
 
 /// Validated `[validate]` settings.

@@ -37,6 +37,8 @@ pub(crate) fn settings(m: &Merged) -> Result<Settings, ConfigError> {
             .collect::<Result<_, _>>()?,
         gate: gate(m, validate.max_depth)?,
         scan: scan(m)?,
+        vault: vault(m)?,
+        heal: heal(m)?,
         metrics: metrics(m)?,
         validate,
     };
@@ -118,30 +120,87 @@ fn gate(m: &Merged, max_depth: u32) -> Result<super::features::GateSettings, Con
     })
 }
 
-fn scan(m: &Merged) -> Result<super::features::ScanSettings, ConfigError> {
-    let file = m.path("scan.credentials_file")?;
-    let env = (
-        m.env.get("REGGUARD_SCAN_USER"),
-        m.env.get("REGGUARD_SCAN_PASSWORD"),
-    );
-    let auth = match (env, &file) {
-        ((Some(u), Some(p)), _) => {
-            Some(basic_auth(&format!("{u}:{p}")).map_err(|e| invalid("scan.credentials_file", e))?)
-        }
+fn vault(m: &Merged) -> Result<super::features::VaultSettings, ConfigError> {
+    use super::features::VaultLocation;
+    let configured = m.text("vault.url")?;
+    let (location, default_location) = match configured.as_deref().map(str::trim) {
+        Some("none") | Some("") => (None, false),
+        Some(url) => (
+            Some(VaultLocation::parse(url).map_err(|e| invalid("vault.url", e))?),
+            false,
+        ),
+        None => match m.env.get("STATE_DIRECTORY") {
+            // systemd may list several directories, separated by colons: the first is ours.
+            Some(dirs) => {
+                let dir = dirs.split(':').next().unwrap_or(dirs);
+                (
+                    Some(VaultLocation::Dir(std::path::Path::new(dir).join("vault"))),
+                    true,
+                )
+            }
+            None => (None, false),
+        },
+    };
+    let max_bytes: u64 = m.count("vault.max_bytes")?;
+    Ok(super::features::VaultSettings {
+        location,
+        default_location,
+        layers: m.bool("vault.layers")?,
+        max_blob_size: m.count("vault.max_blob_size")?,
+        retention: m.duration("vault.retention")?,
+        max_bytes: (max_bytes > 0).then_some(max_bytes),
+        aws: m.env.aws(),
+    })
+}
+
+fn heal(m: &Merged) -> Result<super::features::HealSettings, ConfigError> {
+    let serve = match m.text("heal.serve")? {
+        None => true,
+        Some(_) => m.bool("heal.serve")?,
+    };
+    Ok(super::features::HealSettings {
+        serve,
+        repair: m.bool("heal.repair")?,
+        auth: credentials(
+            m,
+            "heal.credentials_file",
+            ("REGGUARD_HEAL_USER", "REGGUARD_HEAL_PASSWORD"),
+        )?,
+    })
+}
+
+/// `user:password` from a pair of variables, else from a file.
+fn credentials(
+    m: &Merged,
+    key: &'static str,
+    (user, password): (&str, &str),
+) -> Result<Option<http::HeaderValue>, ConfigError> {
+    let file = m.path(key)?;
+    match ((m.env.get(user), m.env.get(password)), &file) {
+        ((Some(u), Some(p)), _) => Ok(Some(
+            basic_auth(&format!("{u}:{p}")).map_err(|e| invalid(key, e))?,
+        )),
         (_, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                invalid("scan.credentials_file", format!("{}: {e}", path.display()))
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid(key, format!("{}: {e}", path.display())))?;
             if !text.contains(':') {
                 return Err(invalid(
-                    "scan.credentials_file",
+                    key,
                     format!("{}: expected user:password", path.display()),
                 ));
             }
-            Some(basic_auth(text.trim()).map_err(|e| invalid("scan.credentials_file", e))?)
+            Ok(Some(basic_auth(text.trim()).map_err(|e| invalid(key, e))?))
         }
-        _ => None,
-    };
+        _ => Ok(None),
+    }
+}
+
+fn scan(m: &Merged) -> Result<super::features::ScanSettings, ConfigError> {
+    let auth = credentials(
+        m,
+        "scan.credentials_file",
+        ("REGGUARD_SCAN_USER", "REGGUARD_SCAN_PASSWORD"),
+    )?;
     Ok(super::features::ScanSettings {
         enabled: m.bool("scan.enabled")?,
         interval: m.duration("scan.interval")?,

@@ -31,14 +31,26 @@ impl Environment {
         }))
     }
 
-    /// Given variables (others than `REGGUARD_*` are ignored).
+    /// Given variables: `REGGUARD_*`, and the few others regguard reads (`AWS_*` for an S3
+    /// vault, systemd's `STATE_DIRECTORY`); the rest are ignored.
     pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
         Environment {
             vars: pairs
                 .into_iter()
-                .filter(|(k, _)| k.starts_with("REGGUARD_"))
+                .filter(|(k, _)| {
+                    k.starts_with("REGGUARD_") || k.starts_with("AWS_") || k == "STATE_DIRECTORY"
+                })
                 .collect(),
         }
+    }
+
+    /// The `AWS_*` variables.
+    pub(crate) fn aws(&self) -> Vec<(String, String)> {
+        self.vars
+            .iter()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<&str> {
@@ -49,7 +61,8 @@ impl Environment {
     /// setting silently left at its default.
     pub fn check_known(&self) -> Result<(), ConfigError> {
         let known = keys::known_env();
-        match self.vars.keys().find(|name| !keys::env_is_known(name)) {
+        let ours = self.vars.keys().filter(|k| k.starts_with("REGGUARD_"));
+        match ours.into_iter().find(|name| !keys::env_is_known(name)) {
             None => Ok(()),
             Some(name) => Err(ConfigError::UnknownEnv {
                 name: name.clone(),

@@ -39,9 +39,11 @@ use crate::validate::{Job, Validator};
 mod headers;
 mod push;
 mod tap;
+mod vault;
 
 use crate::watch::UpstreamWatch;
 pub use headers::{remove_hop_by_hop, rewrite_request_headers};
+pub use vault::SERVED_FROM;
 
 /// What the proxy knows about the client connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -117,6 +119,10 @@ pub struct Proxy {
     watch: Option<Arc<UpstreamWatch>>,
     /// Peers whose forwarding headers name the client (`trusted_proxies`).
     trusted_proxies: Arc<[IpAddr]>,
+    /// Keeps what passes through (pushed and pulled manifests).
+    vault: Option<Arc<crate::vault::Vault>>,
+    /// Answers the registry's 404s from the vault (`[heal] serve`).
+    serving: Option<Arc<crate::heal::Serving>>,
 }
 
 /// Timeouts and logging of the forwarding path.
@@ -160,7 +166,20 @@ impl Proxy {
             gate,
             watch: None,
             trusted_proxies: Arc::new([]),
+            vault: None,
+            serving: None,
         }
+    }
+
+    /// Keeps pushed and pulled manifests in `vault`; with `serving`, answers 404s from it.
+    pub fn with_vault(
+        mut self,
+        vault: Arc<crate::vault::Vault>,
+        serving: Option<Arc<crate::heal::Serving>>,
+    ) -> Self {
+        self.vault = Some(vault);
+        self.serving = serving;
+        self
     }
 
     /// Logs the client a trusted proxy names rather than the proxy (see [`ClientAddr::of`]).
@@ -203,6 +222,15 @@ impl Proxy {
         };
 
         let read = self.read_ctx(&req, &route).filter(|_| named);
+        let ask = self.vault_ask(&req, &route).filter(|_| named);
+        // A DELETE by digest that the registry carries out takes it out of the vault too: it
+        // was deleted on purpose and must not be served back.
+        let forgetting = (*req.method() == Method::DELETE
+            && matches!(route_kind, RouteKind::Manifest | RouteKind::Blob)
+            && named
+            && self.vault.is_some())
+        .then(|| route.reference.unwrap_or("").to_owned())
+        .filter(|r| oci::is_sha256_digest(r));
         // A DELETE by digest that the registry carries out is evidence for validation.
         let deleting = (*req.method() == Method::DELETE
             && matches!(route_kind, RouteKind::Manifest | RouteKind::Blob)
@@ -248,6 +276,18 @@ impl Proxy {
                     if let (Some(auth), Some(v)) = (&deleting, &self.validation) {
                         if resp.status() == StatusCode::ACCEPTED {
                             v.validator.deleted(repository, auth.as_ref());
+                        }
+                    }
+                    if let (Some(digest), Some(vault)) = (&forgetting, &self.vault) {
+                        if resp.status() == StatusCode::ACCEPTED {
+                            vault.forget(repository, digest).await;
+                        }
+                    }
+                    if resp.status() == StatusCode::NOT_FOUND {
+                        if let Some(ask) = ask {
+                            if let Some(answer) = self.answer_from_vault(ask, repository).await {
+                                resp = answer;
+                            }
                         }
                     }
                     resp

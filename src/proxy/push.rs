@@ -151,6 +151,10 @@ impl Proxy {
             .send(self.pools.lean(), head, body, conn, exchange.tally.clone())
             .await?;
         if resp.status() == StatusCode::CREATED {
+            if let Some(vault) = &self.vault {
+                let media_type = content_type.as_deref().unwrap_or("");
+                vault.keep_manifest(&repo, &digest, media_type, bytes.clone(), auth.as_ref());
+            }
             gate.accepted(&repo, &digest, &bytes, content_type).await;
         }
         Ok(resp)

@@ -23,7 +23,9 @@ impl Proxy {
         req: &Request<Incoming>,
         route: &route::Route<'_>,
     ) -> Option<ReadCtx> {
-        self.validation.as_ref()?;
+        if self.validation.is_none() && self.vault.is_none() {
+            return None;
+        }
         let kind = match route.kind {
             RouteKind::Manifest => RefKind::Manifest,
             RouteKind::Blob => RefKind::Blob,
@@ -45,7 +47,7 @@ impl Proxy {
         })
     }
 
-    /// Phase 4½: hand a served manifest to validation; count 404s by digest.
+    /// Phase 4½: hand a served manifest to validation and the vault; count 404s by digest.
     /// Never delays the response: a HEAD's job is queued now, a GET's body is copied as it streams.
     pub(super) fn tap_response(
         &self,
@@ -53,102 +55,92 @@ impl Proxy {
         repository: &str,
         resp: &mut Response<ResponseBody>,
     ) {
-        let Some(v) = &self.validation else { return };
         let status = resp.status();
-        if status == StatusCode::NOT_FOUND && oci::is_sha256_digest(&read.reference) {
-            let accept = read.accept.as_ref().and_then(|a| a.to_str().ok());
-            v.validator.client_not_found(
-                read.kind,
-                repository,
-                &read.reference,
-                read.auth.as_ref(),
-                |media_type| {
-                    !media_type.is_empty()
-                        && accept.is_some_and(|a| {
-                            a.split(',').any(|t| oci::same_media_type(t, media_type))
-                        })
-                },
-            );
-            return;
-        }
-        if read.kind != RefKind::Manifest {
-            return;
-        }
-        if status == StatusCode::NOT_MODIFIED {
-            // A conditional GET the client already had the body for: still validated. The
-            // registry's 304 names no digest; it matched the one the client sent (its ETag
-            // is `"<digest>"`), and the worker fetches the manifest by it.
-            let digest = ["docker-content-digest", "etag"]
-                .iter()
-                .filter_map(|h| resp.headers().get(*h))
-                .chain(read.if_none_match.as_ref())
-                .find_map(|v| {
-                    let v = v
-                        .to_str()
-                        .ok()?
-                        .trim()
-                        .trim_start_matches("W/")
-                        .trim_matches('"');
-                    oci::is_sha256_digest(v).then(|| v.to_owned())
-                });
-            if let Some(d) = digest {
-                if !v
-                    .validator
-                    .recently_ok(repository, &d, ManifestKind::Index, v.blobs)
-                {
-                    v.validator.submit(Job {
-                        digest: Some(d),
-                        repository: repository.to_owned(),
-                        reference: read.reference,
-                        body: None,
-                        held: None,
-                        kind: ManifestKind::Index,
-                        auth: read.auth,
-                        seen_at: Instant::now().into_std(),
-                        blobs: v.blobs,
-                    });
-                }
+        if let Some(v) = &self.validation {
+            if status == StatusCode::NOT_FOUND && oci::is_sha256_digest(&read.reference) {
+                self.client_not_found(v, &read, repository);
+                return;
             }
+            if read.kind == RefKind::Manifest && status == StatusCode::NOT_MODIFIED {
+                self.not_modified(v, read, repository, resp);
+                return;
+            }
+        }
+        if status != StatusCode::OK || read.kind != RefKind::Manifest {
             return;
         }
-        if status != StatusCode::OK {
-            return;
-        }
-        let kind = resp
+        let media_type = resp
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|ct| ct.to_str().ok())
-            .and_then(oci::manifest_kind);
-        match kind {
-            Some(ManifestKind::Index) => {}
-            Some(ManifestKind::Image) if v.blobs => {}
-            _ => return,
-        }
+            .map(|ct| oci::media_type_essence(ct).to_owned())
+            .unwrap_or_default();
+        let kind = oci::manifest_kind(&media_type);
         let digest = resp
             .headers()
             .get("docker-content-digest")
             .and_then(|d| d.to_str().ok())
             .filter(|d| oci::is_sha256_digest(d))
             .map(str::to_owned);
-        let kind = kind.unwrap_or(ManifestKind::Index);
-        if let Some(d) = &digest {
-            if v.validator.recently_ok(repository, d, kind, v.blobs) {
-                return;
+        // The vault wants each manifest once an hour per repository (its record's refresh).
+        let keep = match (&self.vault, &digest) {
+            (Some(vault), Some(d)) if kind.is_some() && vault.wants(repository, d) => {
+                Some((vault.clone(), d.clone()))
             }
+            _ => None,
+        };
+        let job = self.validation.as_ref().and_then(|v| {
+            match kind {
+                Some(ManifestKind::Index) => {}
+                Some(ManifestKind::Image) if v.blobs => {}
+                _ => return None,
+            }
+            let kind = kind.unwrap_or(ManifestKind::Index);
+            if let Some(d) = &digest {
+                if v.validator.recently_ok(repository, d, kind, v.blobs) {
+                    return None;
+                }
+            }
+            Some((
+                v.validator.clone(),
+                Job {
+                    digest: digest.clone(),
+                    repository: repository.to_owned(),
+                    reference: read.reference.clone(),
+                    body: None,
+                    held: None,
+                    kind,
+                    auth: read.auth.clone(),
+                    seen_at: Instant::now().into_std(),
+                    blobs: v.blobs,
+                },
+            ))
+        });
+        if job.is_none() && keep.is_none() {
+            return;
         }
-        let job = Job {
-            digest,
-            repository: repository.to_owned(),
-            reference: read.reference,
-            body: None,
-            held: None,
-            kind,
-            auth: read.auth,
-            seen_at: Instant::now().into_std(),
-            blobs: v.blobs,
+        // Without a copy of the body the vault's filler fetches the manifest by digest.
+        let fetch_instead = {
+            let keep = keep.clone();
+            let (repository, media_type, auth) =
+                (repository.to_owned(), media_type.clone(), read.auth.clone());
+            move || {
+                if let Some((vault, d)) = keep {
+                    vault.keep_reference(
+                        &repository,
+                        &d,
+                        &media_type,
+                        RefKind::Manifest,
+                        auth.as_ref(),
+                    );
+                }
+            }
         };
         if read.head {
-            v.validator.submit(job);
+            if let Some((validator, job)) = job {
+                validator.submit(job);
+            }
+            fetch_instead();
             return;
         }
         // The copy counts against the manifest memory budget; with no room (or no known
@@ -163,21 +155,91 @@ impl Proxy {
             (Some(n), Some(gate)) => gate.budget.try_hold(n),
             _ => None,
         };
-        match held {
-            Some(held) => {
-                let limit = held.bytes().min(oci::MAX_MANIFEST_BYTES);
-                let validator = v.validator.clone();
-                let deliver: crate::body::Deliver = Box::new(move |copy| {
-                    let mut job = job;
-                    if let Some(body) = copy {
-                        job.body = Some(body);
-                        job.held = Some(held); // given back when the job is done
-                    }
-                    validator.submit(job);
-                });
-                resp.body_mut().tap(Tap::new(limit, deliver))
+        let Some(held) = held else {
+            if let Some((validator, job)) = job {
+                validator.submit(job);
             }
-            None => v.validator.submit(job),
+            fetch_instead();
+            return;
+        };
+        let limit = held.bytes().min(oci::MAX_MANIFEST_BYTES);
+        let (repository, auth) = (repository.to_owned(), read.auth);
+        let deliver: crate::body::Deliver = Box::new(move |copy| {
+            match (&copy, &keep) {
+                (Some(body), Some((vault, d))) => {
+                    vault.keep_manifest(&repository, d, &media_type, body.clone(), auth.as_ref());
+                }
+                (None, Some(_)) => fetch_instead(),
+                _ => {}
+            }
+            if let Some((validator, mut job)) = job {
+                if let Some(body) = copy {
+                    job.body = Some(body);
+                    job.held = Some(held); // given back when the job is done
+                }
+                validator.submit(job);
+            }
+        });
+        resp.body_mut().tap(Tap::new(limit, deliver))
+    }
+
+    /// A 404 by digest: evidence for validation (conclusive only if the client's `Accept`
+    /// named the type it would have had).
+    fn client_not_found(&self, v: &Validation, read: &ReadCtx, repository: &str) {
+        let accept = read.accept.as_ref().and_then(|a| a.to_str().ok());
+        v.validator.client_not_found(
+            read.kind,
+            repository,
+            &read.reference,
+            read.auth.as_ref(),
+            |media_type| {
+                !media_type.is_empty()
+                    && accept
+                        .is_some_and(|a| a.split(',').any(|t| oci::same_media_type(t, media_type)))
+            },
+        );
+    }
+
+    /// A conditional GET the client already had the body for: still validated. The
+    /// registry's 304 names no digest; it matched the one the client sent (its ETag
+    /// is `"<digest>"`), and the worker fetches the manifest by it.
+    fn not_modified(
+        &self,
+        v: &Validation,
+        read: ReadCtx,
+        repository: &str,
+        resp: &Response<ResponseBody>,
+    ) {
+        let digest = ["docker-content-digest", "etag"]
+            .iter()
+            .filter_map(|h| resp.headers().get(*h))
+            .chain(read.if_none_match.as_ref())
+            .find_map(|v| {
+                let v = v
+                    .to_str()
+                    .ok()?
+                    .trim()
+                    .trim_start_matches("W/")
+                    .trim_matches('"');
+                oci::is_sha256_digest(v).then(|| v.to_owned())
+            });
+        if let Some(d) = digest {
+            if !v
+                .validator
+                .recently_ok(repository, &d, ManifestKind::Index, v.blobs)
+            {
+                v.validator.submit(Job {
+                    digest: Some(d),
+                    repository: repository.to_owned(),
+                    reference: read.reference,
+                    body: None,
+                    held: None,
+                    kind: ManifestKind::Index,
+                    auth: read.auth,
+                    seen_at: Instant::now().into_std(),
+                    blobs: v.blobs,
+                });
+            }
         }
     }
 }

@@ -145,6 +145,7 @@ impl Inspector {
                     since: now_epoch(),
                     auth: auth.cloned().map(sensitive),
                     size: p.size,
+                    heal: Default::default(),
                 });
             }
             stale.push(p.clone());

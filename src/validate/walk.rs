@@ -170,6 +170,7 @@ impl Inspector {
                     since: now_epoch(),
                     auth: node.auth.cloned().map(evidence::sensitive),
                     size: d.size,
+                    heal: Default::default(),
                 });
                 if fresh {
                     self.shared

@@ -1,0 +1,199 @@
+//! Heal inside `serve`: open the vault, hand it what the checker fetches, prune it hourly,
+//! and (with `[heal] repair`) repair what the integrity state says is broken.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus::Registry;
+
+use super::{HealMetrics, Outcome, Repairer, Serving};
+use crate::checker::Checker;
+use crate::config::Settings;
+use crate::integrity::Integrity;
+use crate::oci::RefKind;
+use crate::supervise::Supervisor;
+use crate::upstream::Pools;
+use crate::vault::{Source, Vault, VaultOpenError};
+
+/// How often the repairer looks at the integrity state.
+const REPAIR_EVERY: Duration = Duration::from_secs(2);
+/// A reference the vault cannot repair is planned again after this long (the vault may have
+/// gained what it lacked); one whose repair failed (the registry refused, or went away),
+/// sooner.
+const UNREPAIRABLE_RETRY: Duration = Duration::from_secs(300);
+const FAILED_RETRY: Duration = Duration::from_secs(30);
+/// How often the vault is pruned (and its gauges recounted).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// What `serve` wires into the proxy and admin.
+pub struct Running {
+    pub vault: Arc<Vault>,
+    pub serving: Option<Arc<Serving>>,
+}
+
+/// Why heal could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Vault(#[from] VaultOpenError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Opens the vault (if one is configured) and starts its background tasks. A default vault
+/// location that cannot be used is a warning and no vault; a configured one is an error.
+pub fn start(
+    settings: &Settings,
+    pools: &Pools,
+    checker: &Arc<Checker>,
+    integrity: &Arc<Integrity>,
+    supervisor: &Arc<Supervisor>,
+    registry: &Registry,
+) -> Result<Option<Running>, StartError> {
+    if settings.vault.location.is_none() {
+        if settings.heal.repair {
+            tracing::warn!(
+                "[heal] repair is on but there is no vault ([vault] url): nothing to repair from"
+            );
+        }
+        return Ok(None);
+    }
+    let source = Source {
+        client: pools.lean().clone(),
+        upstream: settings.upstream.clone(),
+        fallback: settings.heal.auth.clone(),
+        timeout: settings.validate.check_timeout,
+    };
+    let vault = match Vault::open(settings.vault.clone(), Some(source), registry) {
+        Ok(v) => v,
+        Err(VaultOpenError::Store(e)) if settings.vault.default_location => {
+            tracing::warn!(error = %e, "no vault: its default location cannot be used (set [vault] url)");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(
+        location = %vault.store().location(),
+        layers = settings.vault.layers,
+        serve = settings.heal.serve,
+        repair = settings.heal.repair,
+        "vault open"
+    );
+    {
+        let vault = vault.clone();
+        checker.on_fetched(Arc::new(move |repo, digest, media_type, body, auth| {
+            vault.keep_manifest(repo, digest, media_type, body.clone(), auth);
+        }));
+    }
+    {
+        let vault = vault.clone();
+        supervisor.spawn("vault_prune", move || {
+            let vault = vault.clone();
+            async move {
+                loop {
+                    match vault.prune().await {
+                        Ok(r) => tracing::debug!(?r, "vault pruned"),
+                        Err(e) => {
+                            vault.metrics.errors.inc();
+                            tracing::warn!(error = %e, "vault prune failed");
+                        }
+                    }
+                    tokio::time::sleep(PRUNE_EVERY).await;
+                }
+            }
+        });
+    }
+    let metrics = Arc::new(HealMetrics::new(registry)?);
+    if settings.heal.repair {
+        let repairer = Arc::new(Repairer::new(
+            vault.clone(),
+            pools.lean().clone(),
+            settings.upstream.clone(),
+            settings.heal.auth.clone(),
+            settings.validate.check_timeout,
+        ));
+        let (integrity, checker, metrics) = (integrity.clone(), checker.clone(), metrics.clone());
+        supervisor.spawn("heal_repair", move || {
+            repair_loop(
+                repairer.clone(),
+                integrity.clone(),
+                checker.clone(),
+                metrics.clone(),
+            )
+        });
+    }
+    let serving = settings.heal.serve.then(|| {
+        Arc::new(Serving::new(
+            vault.clone(),
+            metrics.clone(),
+            Some(integrity.clone()),
+        ))
+    });
+    Ok(Some(Running { vault, serving }))
+}
+
+/// Repairs each (repository, lost digest) the integrity state holds, one at a time.
+async fn repair_loop(
+    repairer: Arc<Repairer>,
+    integrity: Arc<Integrity>,
+    checker: Arc<Checker>,
+    metrics: Arc<HealMetrics>,
+) {
+    let mut attempted: HashMap<(String, String), (Instant, Duration)> = HashMap::new();
+    loop {
+        tokio::time::sleep(REPAIR_EVERY).await;
+        let entries = integrity.snapshot();
+        attempted.retain(|_, (at, wait)| at.elapsed() < *wait);
+        let mut lost: Vec<(String, String, RefKind)> = entries
+            .iter()
+            .map(|b| (b.repository.clone(), b.child_digest.clone(), b.kind))
+            .collect();
+        lost.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        lost.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+        for (repository, digest, kind) in lost {
+            let key = (repository.clone(), digest.clone());
+            if attempted.contains_key(&key) {
+                continue;
+            }
+            let outcome = repairer
+                .repair(&repository, &digest, kind, false, |step| {
+                    tracing::info!(%repository, target = %digest, %step, "repair");
+                })
+                .await;
+            if let Some(result) = outcome.result() {
+                metrics.repaired(result);
+            }
+            match outcome {
+                Outcome::Repaired(_) | Outcome::Intact => {
+                    tracing::info!(%repository, %digest, "repaired from the vault and read back intact");
+                    checker.forget(&repository, &digest).await;
+                    integrity.note_repair(&repository, &digest, None);
+                    for b in entries
+                        .iter()
+                        .filter(|b| b.repository == repository && b.child_digest == digest)
+                    {
+                        integrity.report_ok(&b.repository, &b.index_digest, &b.child_digest);
+                    }
+                }
+                Outcome::Unrepairable(plan) => {
+                    let word = plan.unrepairable();
+                    tracing::warn!(%repository, %digest, what = word.as_deref().unwrap_or(""),
+                        "cannot repair from the vault: re-push the image that contains it");
+                    integrity.note_repair(&repository, &digest, word);
+                    attempted.insert(key, (Instant::now(), UNREPAIRABLE_RETRY));
+                }
+                Outcome::Failed(e) => {
+                    tracing::warn!(%repository, %digest, error = %e, "repair failed; will retry");
+                    integrity.note_repair(
+                        &repository,
+                        &digest,
+                        Some(format!("repair failed: {e}")),
+                    );
+                    attempted.insert(key, (Instant::now(), FAILED_RETRY));
+                }
+                Outcome::Busy => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! The vault: the verified bytes of what regguard has seen, so that a lost manifest or blob
+//! can still be served, and the registry repaired.
+//!
+//! What it keeps, per repository it was seen in: every manifest and index that passes through
+//! (pushed, pulled, or fetched by validation, scan or the CLI), each one's config blob (up to
+//! `max_blob_size`), and with `layers` every layer. Manifests are handed over whole by their
+//! callers; the blobs they reference are then fetched from the registry by a background
+//! filler (a pusher that skipped a blob the registry already had, or mounted it from another
+//! repository, never streamed it through regguard). Nothing is written before its sha256 is
+//! checked; nothing is served before it is checked again.
+//!
+//! It knows nothing of the request path: the proxy asks it for bytes after a 404, the healer
+//! asks it for what to re-upload. Storage is behind [`store::Store`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::mpsc;
+
+use crate::config::{Upstream, VaultSettings};
+use crate::oci::{ManifestKind, RefKind};
+use crate::upstream::UpstreamClient;
+
+mod fill;
+pub mod store;
+
+pub use store::{Location, Seen, Store, StoreError};
+
+/// How long a (repository, digest) recorded is not written again: its record's time is
+/// "last seen", refreshed at most this often (retention is counted in days).
+const REFRESH: Duration = Duration::from_secs(3600);
+/// Pending fill work at most; past it work is dropped and counted (a pull never waits).
+const QUEUE: usize = 4096;
+/// Fill workers: each holds one registry request (and for a blob one upload) at a time.
+const WORKERS: usize = 2;
+/// How long a blob's verification stands before it is hashed again for the next serve.
+const VERIFIED_FOR: Duration = Duration::from_secs(600);
+
+/// The vault's metrics.
+pub struct VaultMetrics {
+    pub objects: IntGauge,
+    pub bytes: IntGauge,
+    writes: IntCounterVec,
+    pub hits: IntCounterVec,
+    pub verification_failures: IntCounter,
+    pub dropped: IntCounter,
+    pub errors: IntCounter,
+    pub pruned: IntCounter,
+}
+
+impl VaultMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let objects = IntGauge::new(
+            "regguard_vault_objects",
+            "Content objects (manifests and blobs) in the vault, as of the last listing plus writes since",
+        )?;
+        let bytes = IntGauge::new(
+            "regguard_vault_bytes",
+            "Content bytes in the vault, as of the last listing plus writes since",
+        )?;
+        let writes = IntCounterVec::new(
+            Opts::new(
+                "regguard_vault_writes_total",
+                "Content objects written to the vault after their digest verified, by kind (manifest, blob)",
+            ),
+            &["kind"],
+        )?;
+        let hits = IntCounterVec::new(
+            Opts::new(
+                "regguard_vault_hits_total",
+                "Vault lookups that found verified content for the repository asked, by kind",
+            ),
+            &["kind"],
+        )?;
+        let verification_failures = IntCounter::new(
+            "regguard_vault_verification_failures_total",
+            "Vault objects whose bytes did not match their digest when read (never served), or content that did not match its digest when written (never kept)",
+        )?;
+        let dropped = IntCounter::new(
+            "regguard_vault_dropped_total",
+            "Manifests and blobs not kept because the vault's queue was full",
+        )?;
+        let errors = IntCounter::new(
+            "regguard_vault_errors_total",
+            "Vault storage or fill failures (the log says which)",
+        )?;
+        let pruned = IntCounter::new(
+            "regguard_vault_pruned_total",
+            "Content objects removed by retention or the size cap",
+        )?;
+        for m in [&objects, &bytes] {
+            registry.register(Box::new(m.clone()))?;
+        }
+        registry.register(Box::new(writes.clone()))?;
+        registry.register(Box::new(hits.clone()))?;
+        for c in [&verification_failures, &dropped, &errors, &pruned] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        for kind in [RefKind::Manifest, RefKind::Blob] {
+            writes.with_label_values(&[kind.as_str()]);
+            hits.with_label_values(&[kind.as_str()]);
+        }
+        Ok(VaultMetrics {
+            objects,
+            bytes,
+            writes,
+            hits,
+            verification_failures,
+            dropped,
+            errors,
+            pruned,
+        })
+    }
+
+    fn wrote(&self, kind: RefKind, size: u64) {
+        self.writes.with_label_values(&[kind.as_str()]).inc();
+        self.objects.inc();
+        self.bytes.add(i64::try_from(size).unwrap_or(i64::MAX));
+    }
+}
+
+/// Where the filler fetches blobs: the registry, with the credentials of whoever caused it
+/// (else `fallback`, the heal credentials).
+#[derive(Clone)]
+pub struct Source {
+    pub client: UpstreamClient,
+    pub upstream: Upstream,
+    pub fallback: Option<HeaderValue>,
+    pub timeout: Duration,
+}
+
+/// Work for the filler.
+pub(crate) enum Work {
+    /// A manifest's bytes, seen in `repository`.
+    Manifest {
+        repository: String,
+        digest: String,
+        media_type: String,
+        body: Bytes,
+        auth: Option<HeaderValue>,
+        depth: u32,
+    },
+    /// A reference a kept manifest makes, to be kept too.
+    Reference {
+        repository: String,
+        digest: String,
+        media_type: String,
+        kind: RefKind,
+        size: u64,
+        auth: Option<HeaderValue>,
+        depth: u32,
+    },
+}
+
+/// The vault.
+pub struct Vault {
+    store: Store,
+    settings: VaultSettings,
+    /// (repository, digest) recorded within [`REFRESH`], or queued.
+    known: moka::sync::Cache<(Arc<str>, Arc<str>), ()>,
+    /// Blobs verified recently (hashing a layer on every Range request would be wasteful).
+    verified: moka::sync::Cache<Arc<str>, u64>,
+    queue: mpsc::Sender<Work>,
+    pub metrics: VaultMetrics,
+}
+
+/// Seconds since the Unix epoch.
+fn now_epoch() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl Vault {
+    /// Opens the vault and starts its filler (which fetches referenced blobs from `source`;
+    /// without one, only what is handed over is kept).
+    pub fn open(
+        settings: VaultSettings,
+        source: Option<Source>,
+        registry: &Registry,
+    ) -> Result<Arc<Self>, VaultOpenError> {
+        let location = settings
+            .location
+            .clone()
+            .ok_or(VaultOpenError::NotConfigured)?;
+        let store = Store::open(&location, &settings.aws)?;
+        let metrics = VaultMetrics::new(registry)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let vault = Arc::new(Vault {
+            store,
+            settings,
+            known: moka::sync::Cache::builder()
+                .max_capacity(500_000)
+                .time_to_live(REFRESH)
+                .build(),
+            verified: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(VERIFIED_FOR)
+                .build(),
+            queue: tx,
+            metrics,
+        });
+        fill::start(Arc::downgrade(&vault), rx, source, WORKERS);
+        Ok(vault)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &VaultSettings {
+        &self.settings
+    }
+
+    fn key(repository: &str, digest: &str) -> (Arc<str>, Arc<str>) {
+        (Arc::from(repository), Arc::from(digest))
+    }
+
+    /// Keeps a manifest seen in `repository` (pushed, served, or fetched), and in time what
+    /// it references. Never waits: the bytes are hashed and written by the filler.
+    pub fn keep_manifest(
+        &self,
+        repository: &str,
+        digest: &str,
+        media_type: &str,
+        body: Bytes,
+        auth: Option<&HeaderValue>,
+    ) {
+        if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
+            return;
+        }
+        let key = Self::key(repository, digest);
+        if self.known.contains_key(&key) {
+            return;
+        }
+        self.known.insert(key, ());
+        let work = Work::Manifest {
+            repository: repository.to_owned(),
+            digest: digest.to_owned(),
+            media_type: media_type.to_owned(),
+            body,
+            auth: auth.cloned(),
+            depth: 0,
+        };
+        self.enqueue(work, repository, digest);
+    }
+
+    /// Keeps a manifest or blob seen in `repository` whose bytes the caller does not hold:
+    /// the filler fetches it from the registry.
+    pub fn keep_reference(
+        &self,
+        repository: &str,
+        digest: &str,
+        media_type: &str,
+        kind: RefKind,
+        auth: Option<&HeaderValue>,
+    ) {
+        if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
+            return;
+        }
+        let key = Self::key(repository, digest);
+        if self.known.contains_key(&key) {
+            return;
+        }
+        self.known.insert(key, ());
+        let work = Work::Reference {
+            repository: repository.to_owned(),
+            digest: digest.to_owned(),
+            media_type: media_type.to_owned(),
+            kind,
+            size: 0,
+            auth: auth.cloned(),
+            depth: 0,
+        };
+        self.enqueue(work, repository, digest);
+    }
+
+    fn enqueue(&self, work: Work, repository: &str, digest: &str) {
+        if self.queue.try_send(work).is_err() {
+            self.metrics.dropped.inc();
+            self.known.invalidate(&Self::key(repository, digest));
+        }
+    }
+
+    /// Whether the vault should be handed this (repository, digest) now: false when it was
+    /// recorded within the last hour. Lets callers skip copying a body they would hand over.
+    pub fn wants(&self, repository: &str, digest: &str) -> bool {
+        !self.known.contains_key(&Self::key(repository, digest))
+    }
+
+    /// Forgets that `digest` was seen in `repository`: it was deleted on purpose (a DELETE
+    /// through regguard, or the registry's delete notification), and must not come back.
+    pub async fn forget(&self, repository: &str, digest: &str) {
+        self.known.invalidate(&Self::key(repository, digest));
+        if let Err(e) = self.store.forget_seen(repository, digest).await {
+            self.metrics.errors.inc();
+            tracing::warn!(%repository, %digest, error = %e, "vault: cannot forget a deleted reference");
+        }
+    }
+
+    /// The verified bytes of manifest `digest` as seen in `repository`, with its record.
+    pub async fn manifest(
+        &self,
+        repository: &str,
+        digest: &str,
+    ) -> Result<Option<(Seen, Bytes)>, StoreError> {
+        let Some(seen) = self.store.seen(repository, digest).await? else {
+            return Ok(None);
+        };
+        if seen.kind != RefKind::Manifest {
+            return Ok(None);
+        }
+        match self
+            .store
+            .read_verified(digest, crate::oci::MAX_MANIFEST_BYTES as u64)
+            .await
+        {
+            Ok(Some(bytes)) => {
+                self.metrics.hits.with_label_values(&["manifest"]).inc();
+                Ok(Some((seen, bytes)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.count_failure(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Blob `digest` as seen in `repository`, verified (within the last ten minutes): its
+    /// record and size. Stream it with [`Store::stream`].
+    pub async fn blob(
+        &self,
+        repository: &str,
+        digest: &str,
+    ) -> Result<Option<(Seen, u64)>, StoreError> {
+        let Some(seen) = self.store.seen(repository, digest).await? else {
+            return Ok(None);
+        };
+        if seen.kind != RefKind::Blob {
+            return Ok(None);
+        }
+        let size = match self.verified.get(digest) {
+            Some(size) => Some(size),
+            None => match self.store.verify(digest).await {
+                Ok(Some(size)) => {
+                    self.verified.insert(Arc::from(digest), size);
+                    Some(size)
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    self.count_failure(&e);
+                    return Err(e);
+                }
+            },
+        };
+        Ok(size.map(|size| {
+            self.metrics.hits.with_label_values(&["blob"]).inc();
+            (seen, size)
+        }))
+    }
+
+    /// Whether the vault holds `digest` as seen in `repository` (no verification: for plans
+    /// and reports; serving and repairs verify).
+    pub async fn holds(&self, repository: &str, digest: &str) -> Result<bool, StoreError> {
+        Ok(self.store.seen(repository, digest).await?.is_some()
+            && self.store.content_size(digest).await?.is_some())
+    }
+
+    fn count_failure(&self, e: &StoreError) {
+        match e {
+            StoreError::Corrupt { digest, found } => {
+                self.metrics.verification_failures.inc();
+                self.verified.invalidate(digest.as_str());
+                tracing::error!(%digest, %found, location = %self.store.location(),
+                    "vault object does not match its digest: not served (remove it; it will be kept again when next seen)");
+            }
+            _ => self.metrics.errors.inc(),
+        }
+    }
+
+    /// Removes what retention and the size cap say must go; refreshes the object gauges.
+    pub async fn prune(&self) -> Result<PruneReport, StoreError> {
+        prune::run(self).await
+    }
+}
+
+mod prune;
+pub use prune::PruneReport;
+
+/// Why a vault could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultOpenError {
+    #[error("no vault location is set")]
+    NotConfigured,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("vault metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// What a manifest references that the vault keeps too: an index's children (manifests);
+/// an image's config, and with `layers` its layers (non-distributable layers, which carry
+/// `urls`, are not in the registry).
+pub(crate) fn references(
+    manifest: &crate::oci::Manifest,
+    settings: &VaultSettings,
+) -> Vec<(String, String, RefKind, u64)> {
+    match manifest {
+        crate::oci::Manifest::Index { manifests } => manifests
+            .iter()
+            .filter(|d| crate::oci::is_sha256_digest(&d.digest))
+            .map(|d| {
+                (
+                    d.digest.clone(),
+                    d.media_type.clone(),
+                    RefKind::Manifest,
+                    d.size,
+                )
+            })
+            .collect(),
+        crate::oci::Manifest::Image { config, layers } => {
+            let config = std::iter::once(config).filter(|c| c.size <= settings.max_blob_size);
+            let layers = layers
+                .iter()
+                .filter(|_| settings.layers)
+                .filter(|l| l.urls.is_empty());
+            config
+                .chain(layers)
+                .filter(|d| crate::oci::is_sha256_digest(&d.digest))
+                .map(|d| {
+                    (
+                        d.digest.clone(),
+                        d.media_type.clone(),
+                        RefKind::Blob,
+                        d.size,
+                    )
+                })
+                .collect()
+        }
+    }
+}
+
+/// The kind a manifest media type hints at, for parsing a kept manifest.
+pub(crate) fn hint(media_type: &str) -> Option<ManifestKind> {
+    crate::oci::manifest_kind(media_type)
+}
+
+/// For the gauges and logs: now, in seconds since the epoch.
+pub(crate) fn epoch_now() -> i64 {
+    now_epoch()
+}
