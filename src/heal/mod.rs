@@ -66,6 +66,8 @@ pub struct Serving {
     pub vault: Arc<Vault>,
     pub metrics: Arc<HealMetrics>,
     integrity: Option<Arc<Integrity>>,
+    /// Where served losses go to be repaired (with `[heal] repair`).
+    repairs: Option<tokio::sync::mpsc::Sender<(String, String, RefKind)>>,
     /// (repository, digest) logged in the last hour: one WARN per digest, not per pull.
     logged: moka::sync::Cache<(String, String), ()>,
 }
@@ -80,11 +82,22 @@ impl Serving {
             vault,
             metrics,
             integrity,
+            repairs: None,
             logged: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
         }
+    }
+
+    /// Sends each loss served from now on to `repairs` (a full queue drops it: the
+    /// integrity state still holds it, and the repairer reads that too).
+    pub fn with_repairs(
+        mut self,
+        repairs: tokio::sync::mpsc::Sender<(String, String, RefKind)>,
+    ) -> Self {
+        self.repairs = Some(repairs);
+        self
     }
 
     /// Counts, logs (once per digest an hour) and notes a response served from the vault.
@@ -97,6 +110,9 @@ impl Serving {
             i.mark_served(repository, digest);
         }
         let key = (repository.to_owned(), digest.to_owned());
+        if let Some(tx) = &self.repairs {
+            let _ = tx.try_send((repository.to_owned(), digest.to_owned(), kind));
+        }
         if !self.logged.contains_key(&key) {
             self.logged.insert(key, ());
             tracing::warn!(

@@ -25,6 +25,8 @@ const UNREPAIRABLE_RETRY: Duration = Duration::from_secs(300);
 const FAILED_RETRY: Duration = Duration::from_secs(30);
 /// How often the vault is pruned (and its gauges recounted).
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Losses served from the vault waiting for the repairer.
+const SERVED_QUEUE: usize = 1024;
 
 /// What `serve` wires into the proxy and admin.
 pub struct Running {
@@ -105,6 +107,8 @@ pub fn start(
         });
     }
     let metrics = Arc::new(HealMetrics::new(registry)?);
+    let (served_tx, served_rx) = tokio::sync::mpsc::channel(SERVED_QUEUE);
+    let served_rx = Arc::new(tokio::sync::Mutex::new(served_rx));
     if settings.heal.repair {
         let repairer = Arc::new(Repairer::new(
             vault.clone(),
@@ -120,15 +124,17 @@ pub fn start(
                 integrity.clone(),
                 checker.clone(),
                 metrics.clone(),
+                served_rx.clone(),
             )
         });
     }
     let serving = settings.heal.serve.then(|| {
-        Arc::new(Serving::new(
-            vault.clone(),
-            metrics.clone(),
-            Some(integrity.clone()),
-        ))
+        let serving = Serving::new(vault.clone(), metrics.clone(), Some(integrity.clone()));
+        Arc::new(if settings.heal.repair {
+            serving.with_repairs(served_tx)
+        } else {
+            serving
+        })
     });
     Ok(Some(Running { vault, serving }))
 }
@@ -139,16 +145,27 @@ async fn repair_loop(
     integrity: Arc<Integrity>,
     checker: Arc<Checker>,
     metrics: Arc<HealMetrics>,
+    served: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<(String, String, RefKind)>>>,
 ) {
     let mut attempted: HashMap<(String, String), (Instant, Duration)> = HashMap::new();
+    let mut served = served.lock().await;
     loop {
-        tokio::time::sleep(REPAIR_EVERY).await;
+        // Every few seconds, or at once when a client was served a loss.
+        let mut lost: Vec<(String, String, RefKind)> = Vec::new();
+        tokio::select! {
+            () = tokio::time::sleep(REPAIR_EVERY) => {}
+            Some(one) = served.recv() => lost.push(one),
+        }
+        while let Ok(one) = served.try_recv() {
+            lost.push(one);
+        }
         let entries = integrity.snapshot();
         attempted.retain(|_, (at, wait)| at.elapsed() < *wait);
-        let mut lost: Vec<(String, String, RefKind)> = entries
-            .iter()
-            .map(|b| (b.repository.clone(), b.child_digest.clone(), b.kind))
-            .collect();
+        lost.extend(
+            entries
+                .iter()
+                .map(|b| (b.repository.clone(), b.child_digest.clone(), b.kind)),
+        );
         lost.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         lost.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
         for (repository, digest, kind) in lost {

@@ -716,3 +716,68 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, Str
     );
     (out.status.code(), stdout, stderr)
 }
+
+/// A real S3-protocol server (moto's `moto_server`, from PyPI) on a port the OS picks,
+/// with one bucket. Requests without a signature are accepted, so tests can read and
+/// damage objects behind regguard's back.
+pub struct S3Server {
+    pub url: String,
+    pub bucket: String,
+    pub proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub fn start(bucket: &str) -> Self {
+        let bin = std::env::var("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .map(|d| Path::new(d).join("moto_server"))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| {
+                panic!("`moto_server` is not installed: install moto's server from PyPI (pip install 'moto[server]'); .ci/run does this")
+            });
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("moto.log");
+        let mut proc = spawn(Command::new(bin).args(["-H", "127.0.0.1", "-p", "0"]), log);
+        let url = poll_until(Duration::from_secs(30), "moto_server to listen", || {
+            if let Some(status) = proc.try_exit() {
+                panic!("moto_server exited ({status}):\n{}", proc.log_text());
+            }
+            proc.log_text()
+                .lines()
+                .find_map(|l| l.split("Running on ").nth(1))
+                .map(|u| u.trim().to_string())
+        });
+        let r = http::send("PUT", &format!("{url}/{bucket}"), &[], bytes::Bytes::new());
+        assert_eq!(r.status, 200, "create bucket: {}", r.text());
+        S3Server {
+            url,
+            bucket: bucket.to_string(),
+            proc,
+            _dir: dir,
+        }
+    }
+
+    /// The environment regguard needs to use `s3://<bucket>/<prefix>` here.
+    pub fn env(&self, prefix: &str) -> Vec<(String, String)> {
+        [
+            (
+                "REGGUARD_VAULT_URL",
+                format!("s3://{}/{prefix}", self.bucket),
+            ),
+            ("AWS_ENDPOINT", self.url.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    pub fn object_url(&self, key: &str) -> String {
+        format!("{}/{}/{key}", self.url, self.bucket)
+    }
+}
