@@ -14,6 +14,7 @@ use http::HeaderValue;
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use serde::Serialize;
 
+use crate::checker::OutcomeKind;
 use crate::oci::RefKind;
 
 /// One broken reference. No `Debug`: it holds credentials.
@@ -29,6 +30,9 @@ pub struct BrokenRef {
     pub kind: RefKind,
     /// What the upstream said.
     pub upstream_said: String,
+    /// `Missing` or `Mismatch`: what the repair is (not serialised; `upstream_said` says it in words).
+    #[serde(skip)]
+    pub outcome: OutcomeKind,
     /// Seconds since the Unix epoch when first seen broken.
     pub since: u64,
     /// Credentials of the client whose request found it, for re-checks. Never serialised or logged.
@@ -139,6 +143,7 @@ impl Integrity {
         let mut inner = self.lock();
         if let Some(existing) = inner.entries.get_mut(&key) {
             existing.upstream_said = b.upstream_said;
+            existing.outcome = b.outcome;
             if b.auth.is_some() {
                 existing.auth = b.auth;
             }
@@ -298,6 +303,7 @@ mod tests {
             platform: "linux/amd64".into(),
             kind: RefKind::Manifest,
             upstream_said: "404".into(),
+            outcome: OutcomeKind::Missing,
             since: 0,
             auth: None,
             size: 1,

@@ -21,7 +21,7 @@ use crate::config::Upstream;
 use crate::oci::{self, ManifestKind, MAX_MANIFEST_BYTES};
 use crate::upstream::UpstreamBody;
 use crate::upstream::{user_agent, UpstreamClient};
-use crate::validate::{Inspector, Job};
+use crate::validate::{IndexCheck, Inspector, Job, Validated};
 
 pub use crate::config::features::ScanSettings;
 
@@ -454,8 +454,10 @@ impl Scanner {
         };
         let summary = self.inspector.validate(job).await;
         match summary.result {
-            "error" => TagResult::Failed(format!("{repo}:{tag}: could not be checked")),
-            _ => TagResult::Checked {
+            Validated::Checked(IndexCheck::Error) => {
+                TagResult::Failed(format!("{repo}:{tag}: could not be checked"))
+            }
+            Validated::Checked(_) | Validated::Gone => TagResult::Checked {
                 index: kind == ManifestKind::Index,
                 broken: summary.broken,
             },

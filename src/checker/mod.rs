@@ -20,6 +20,7 @@ use moka::future::Cache;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::config::Upstream;
+use crate::metrics::Label as _;
 use crate::oci::{self, Descriptor, Manifest, ManifestKind, MAX_MANIFEST_BYTES};
 use crate::upstream::UpstreamBody;
 use crate::upstream::{user_agent, UpstreamClient};
@@ -28,7 +29,7 @@ use crate::watch::UpstreamWatch;
 mod outcome;
 mod walk;
 pub use crate::oci::RefKind;
-pub use outcome::{judge, FetchError, Outcome, Presence};
+pub use outcome::{judge, FetchError, Mismatched, Outcome, OutcomeKind, Presence};
 pub use walk::{OverBudget, Visit, Walk, DEFAULT_MAX_REFERENCES};
 
 /// Cache lifetimes and limits.
@@ -142,8 +143,6 @@ struct CheckerMetrics {
     misses: IntCounter,
 }
 
-const RESULTS: [&str; 5] = ["ok", "missing", "mismatch", "unauthorized", "error"];
-
 /// The shared checker.
 pub struct Checker {
     client: UpstreamClient,
@@ -173,8 +172,8 @@ impl Checker {
         registry.register(Box::new(checks.clone()))?;
         let mut handles = Vec::new();
         for kind in [RefKind::Manifest, RefKind::Blob] {
-            for r in RESULTS {
-                handles.push(checks.get_metric_with_label_values(&[kind.as_str(), r])?);
+            for r in OutcomeKind::ALL {
+                handles.push(checks.get_metric_with_label_values(&[kind.as_str(), r.as_str()])?);
             }
         }
         let duration = Histogram::with_opts(
@@ -400,11 +399,8 @@ impl Checker {
             RefKind::Manifest => 0,
             RefKind::Blob => 1,
         };
-        let r = RESULTS
-            .iter()
-            .position(|r| *r == outcome.label())
-            .unwrap_or(4);
-        if let Some(c) = self.metrics.checks.get(k * RESULTS.len() + r) {
+        let r = outcome.kind().index();
+        if let Some(c) = self.metrics.checks.get(k * OutcomeKind::ALL.len() + r) {
             c.inc();
         }
     }

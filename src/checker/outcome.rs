@@ -21,13 +21,33 @@ pub enum Presence {
     Error(String),
 }
 
+/// Which property of a present reference differs from what its descriptor says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mismatched {
+    /// The manifest is served as another media type (checked only when asked: the gate).
+    MediaType,
+    Digest,
+    Size,
+}
+
+impl Mismatched {
+    /// In words, for `describe`: "size mismatch: …".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mismatched::MediaType => "media type",
+            Mismatched::Digest => "digest",
+            Mismatched::Size => "size",
+        }
+    }
+}
+
 /// The verdict on one descriptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
     Missing,
     Mismatch {
-        what: &'static str,
+        what: Mismatched,
         expected: String,
         found: String,
     },
@@ -35,15 +55,34 @@ pub enum Outcome {
     Error(String),
 }
 
+crate::metrics::labels! {
+    /// An [`Outcome`] without its details: the `result` label of
+    /// `regguard_reference_checks_total`, and the `result` of `regguard check --json`.
+    pub enum OutcomeKind {
+        Ok => "ok",
+        Missing => "missing",
+        Mismatch => "mismatch",
+        Unauthorized => "unauthorized",
+        Error => "error",
+    }
+}
+
+impl OutcomeKind {
+    /// Missing or mismatched: a client pulling it would fail.
+    pub fn is_broken(self) -> bool {
+        matches!(self, OutcomeKind::Missing | OutcomeKind::Mismatch)
+    }
+}
+
 impl Outcome {
-    /// The `result` label.
-    pub fn label(&self) -> &'static str {
+    /// What kind of outcome this is (its `result` label).
+    pub fn kind(&self) -> OutcomeKind {
         match self {
-            Outcome::Ok => "ok",
-            Outcome::Missing => "missing",
-            Outcome::Mismatch { .. } => "mismatch",
-            Outcome::Unauthorized(_) => "unauthorized",
-            Outcome::Error(_) => "error",
+            Outcome::Ok => OutcomeKind::Ok,
+            Outcome::Missing => OutcomeKind::Missing,
+            Outcome::Mismatch { .. } => OutcomeKind::Mismatch,
+            Outcome::Unauthorized(_) => OutcomeKind::Unauthorized,
+            Outcome::Error(_) => OutcomeKind::Error,
         }
     }
 
@@ -69,6 +108,7 @@ impl Outcome {
                 expected,
                 found,
             } => {
+                let what = what.as_str();
                 format!("{what} mismatch: descriptor says {expected}, registry says {found}")
             }
             Outcome::Unauthorized(s) => format!("{s} (not authorized)"),
@@ -89,7 +129,7 @@ pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outc
             if let (true, Some(found)) = (strict_media && !desc.media_type.is_empty(), media_type) {
                 if !oci::same_media_type(found, &desc.media_type) {
                     return Outcome::Mismatch {
-                        what: "media type",
+                        what: Mismatched::MediaType,
                         expected: desc.media_type.clone(),
                         found: found.clone(),
                     };
@@ -98,7 +138,7 @@ pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outc
             if let Some(d) = digest {
                 if *d != desc.digest {
                     return Outcome::Mismatch {
-                        what: "digest",
+                        what: Mismatched::Digest,
                         expected: desc.digest.clone(),
                         found: d.clone(),
                     };
@@ -106,7 +146,7 @@ pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outc
             }
             match size {
                 Some(s) if *s != desc.size => Outcome::Mismatch {
-                    what: "size",
+                    what: Mismatched::Size,
                     expected: desc.size.to_string(),
                     found: s.to_string(),
                 },
@@ -159,16 +199,22 @@ mod tests {
         assert_eq!(judge(&found(5, &d.digest), &d, false), Outcome::Ok);
         assert!(matches!(
             judge(&found(6, &d.digest), &d, false),
-            Outcome::Mismatch { what: "size", .. }
+            Outcome::Mismatch {
+                what: Mismatched::Size,
+                ..
+            }
         ));
         assert!(matches!(
             judge(&found(5, "sha256:00"), &d, false),
-            Outcome::Mismatch { what: "digest", .. }
+            Outcome::Mismatch {
+                what: Mismatched::Digest,
+                ..
+            }
         ));
         assert!(matches!(
             judge(&found(5, &d.digest), &d, true),
             Outcome::Mismatch {
-                what: "media type",
+                what: Mismatched::MediaType,
                 ..
             }
         ));

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::access::{Problem, RegistryAccess};
 use super::credentials::Credentials;
 use super::reference::ImageRef;
+use crate::checker::OutcomeKind;
 use crate::inspect::{attestation_labels, check_image, repair_hint, Node};
 
 /// The image a reference names, found: its digest and the names of its children.
@@ -115,13 +116,25 @@ async fn not_found(
     ))
 }
 
+/// How one image fared, as `status` in `regguard check --json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Healthy,
+    Broken,
+    /// Nothing broken found, but something could not be checked.
+    Incomplete,
+    NotFound,
+    /// The image could not be checked at all.
+    Error,
+}
+
 /// The result of checking one image.
 #[derive(Debug, Serialize)]
 pub struct CheckResult {
     /// `host/repo:tag` or `host/repo@sha256:…`.
     pub image: String,
-    /// healthy | broken | incomplete (something could not be checked) | not_found | error
-    pub status: &'static str,
+    pub status: Status,
     pub healthy: bool,
     pub broken: usize,
     pub unchecked: usize,
@@ -206,8 +219,8 @@ impl CheckResult {
         CheckResult {
             image,
             status: match p {
-                Problem::NotFound(_) => "not_found",
-                _ => "error",
+                Problem::NotFound(_) => Status::NotFound,
+                _ => Status::Error,
             },
             healthy: false,
             broken: 0,
@@ -221,13 +234,13 @@ impl CheckResult {
 
 /// Repair lines for the broken nodes of `node`'s subtree.
 fn repairs(node: &Node, image: &str, repo: &str, out: &mut Vec<String>) {
-    if matches!(node.result, "missing" | "mismatch") {
+    if node.result.is_broken() {
         let line = repair_hint(
             image,
             repo,
             &node.digest,
-            matches!(node.role, "image" | "index" | "manifest"),
-            node.result == "mismatch",
+            node.role.is_manifest(),
+            node.result == OutcomeKind::Mismatch,
         );
         if !out.contains(&line) {
             out.push(line);
@@ -284,9 +297,9 @@ pub async fn check_all(
                 CheckResult {
                     image,
                     status: match (broken, unchecked) {
-                        (0, 0) => "healthy",
-                        (0, _) => "incomplete",
-                        _ => "broken",
+                        (0, 0) => Status::Healthy,
+                        (0, _) => Status::Incomplete,
+                        _ => Status::Broken,
                     },
                     healthy: broken == 0 && unchecked == 0,
                     broken,

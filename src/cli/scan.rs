@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::access::{Problem, RegistryAccess};
 use super::check::base_url;
 use super::credentials::Credentials;
-use crate::checker::RefKind;
+use crate::checker::{OutcomeKind, RefKind};
 use crate::inspect::{at, attestation_labels, registry_words, repair_hint};
 use crate::oci::Manifest;
 
@@ -114,7 +114,7 @@ async fn findings(
             &b.repository,
             &b.child_digest,
             b.kind == RefKind::Manifest,
-            b.upstream_said.contains("mismatch"),
+            b.outcome == OutcomeKind::Mismatch,
         );
         out.push(Finding {
             registry_said: registry_words(&b.upstream_said),

@@ -2,6 +2,7 @@
 //! and forwarded (exact bytes) or refused with an OCI error. Phase 2½ of the request.
 
 use super::*;
+use crate::gate::GateResult;
 
 impl Proxy {
     /// Phase 2½, the push gate: read the manifest (≤ 4 MiB), check what it references,
@@ -21,7 +22,7 @@ impl Proxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > DRAIN_LIMIT) {
-            gate.count("rejected");
+            gate.count(GateResult::Rejected);
             return Ok(too_large());
         }
         let auth = req.headers().get(header::AUTHORIZATION).cloned();
@@ -38,7 +39,7 @@ impl Proxy {
             usize::try_from(n).map_or(oci::MAX_MANIFEST_BYTES, |n| n.min(oci::MAX_MANIFEST_BYTES))
         });
         let Some(_held) = gate.budget.hold(want, BUDGET_WAIT).await else {
-            gate.count("check_error");
+            gate.count(GateResult::CheckError);
             return Ok(busy(
                 "too many manifest pushes are being checked at once; retry the push",
             ));
@@ -47,7 +48,7 @@ impl Proxy {
         let bytes = match read_manifest(body, self.idle_timeout).await {
             Ok(b) => b,
             Err(ManifestRead::TooLarge) => {
-                gate.count("rejected");
+                gate.count(GateResult::Rejected);
                 return Ok(too_large());
             }
             Err(ManifestRead::Failed(why)) => {
@@ -61,7 +62,7 @@ impl Proxy {
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let digest = crate::gate::digest_off_thread(&bytes).await;
         if oci::is_sha256_digest(reference) && digest != reference {
-            gate.count("rejected");
+            gate.count(GateResult::Rejected);
             return Ok(crate::error::oci_error(
                 StatusCode::BAD_REQUEST,
                 "DIGEST_INVALID",
@@ -76,12 +77,12 @@ impl Proxy {
             .await;
         let audit = gate.settings.mode == GateMode::Audit;
         match &verdict {
-            Verdict::Accept | Verdict::Passthrough => gate.count(verdict.label()),
+            Verdict::Accept | Verdict::Passthrough => gate.count(verdict.result()),
             Verdict::Invalid(why) => {
                 if audit {
-                    gate.count("audit_would_reject");
+                    gate.count(GateResult::AuditWouldReject);
                 } else {
-                    gate.count("rejected");
+                    gate.count(GateResult::Rejected);
                     return Ok(crate::error::oci_error(
                         StatusCode::BAD_REQUEST,
                         "MANIFEST_INVALID",
@@ -100,15 +101,15 @@ impl Proxy {
                     "push gate: manifest references missing or wrong content"
                 );
                 if audit {
-                    gate.count("audit_would_reject");
+                    gate.count(GateResult::AuditWouldReject);
                 } else {
-                    gate.count("rejected");
+                    gate.count(GateResult::Rejected);
                     return Ok(rejection(problems));
                 }
             }
             Verdict::Unauthorized(status) => {
                 // Forwarded untouched: the registry answers (and challenges) this client.
-                gate.count(verdict.label());
+                gate.count(verdict.result());
                 tracing::debug!(repository = %repo, reference, status, "push gate: pusher may not read the repository; forwarding");
             }
             Verdict::TooManyReferences(max) => {
@@ -120,9 +121,9 @@ impl Proxy {
                     "push gate: manifest references too much to check"
                 );
                 if audit {
-                    gate.count("audit_would_reject");
+                    gate.count(GateResult::AuditWouldReject);
                 } else {
-                    gate.count("rejected");
+                    gate.count(GateResult::Rejected);
                     return Ok(crate::error::oci_error(
                         StatusCode::BAD_REQUEST,
                         "MANIFEST_INVALID",
@@ -134,7 +135,7 @@ impl Proxy {
                 }
             }
             Verdict::CheckError(why) => {
-                gate.count("check_error");
+                gate.count(GateResult::CheckError);
                 tracing::warn!(repository = %repo, reference, error = %why, "push gate could not check references");
                 if gate.settings.on_check_error == OnCheckError::Reject && !audit {
                     return Ok(busy(&format!(

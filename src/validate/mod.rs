@@ -53,7 +53,7 @@ pub struct Job {
 }
 
 struct ValidateMetrics {
-    index_checks: CounterSet,
+    index_checks: CounterSet<IndexCheck>,
     queue_depth: IntGauge,
     dropped: IntCounter,
     detection: Histogram,
@@ -112,11 +112,35 @@ struct Tally {
     over_budget: Option<OverBudget>,
 }
 
+crate::metrics::labels! {
+    /// The verdict on one validated manifest: the `result` label of
+    /// `regguard_index_checks_total` (counted for indexes only).
+    pub enum IndexCheck {
+        /// Every reference present and right.
+        Ok => "ok",
+        /// At least one reference missing or wrong.
+        Broken => "broken",
+        /// Some reference could not be read with the credentials at hand.
+        Unauthorized => "unauthorized",
+        /// Some reference could not be checked (timeout, 5xx, over budget).
+        Error => "error",
+    }
+}
+
+/// What one validation concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validated {
+    /// The manifest was read and its references judged.
+    Checked(IndexCheck),
+    /// The manifest no longer exists (deleted after it was served): nothing to judge,
+    /// and nothing counted.
+    Gone,
+}
+
 /// What one validation found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
-    /// ok | broken | unauthorized | error | gone (the manifest no longer exists)
-    pub result: &'static str,
+    pub result: Validated,
     /// The manifest was an index (or manifest list).
     pub index: bool,
     /// Broken references found.
@@ -138,7 +162,6 @@ impl Validator {
             "regguard_index_checks_total",
             "Index validations by result (ok, broken, unauthorized, error)",
             "result",
-            &["ok", "broken", "unauthorized", "error"],
         )?;
         let queue_depth =
             IntGauge::new("regguard_validation_queue_depth", "Validation jobs waiting")?;
@@ -252,7 +275,7 @@ impl Validator {
         let hit = recent.contains_key(&(repo.clone(), digest.clone(), true))
             || (!blobs && recent.contains_key(&(repo, digest, false)));
         if hit && kind == ManifestKind::Index {
-            self.shared.metrics.index_checks.inc("ok");
+            self.shared.metrics.index_checks.inc(IndexCheck::Ok);
         }
         hit
     }
@@ -362,22 +385,22 @@ impl Inspector {
         let (digest, manifest) = match result {
             Ok(v) => v,
             Err(e) => {
-                let label = match &e {
-                    FetchError::Unauthorized(_) => "unauthorized",
+                let result = match &e {
+                    FetchError::Unauthorized(_) => IndexCheck::Unauthorized,
                     FetchError::Status(404) => {
                         // The index is gone (deleted after it was served): nothing to validate.
                         if let Some(d) = &job.digest {
                             self.integrity.remove_index(&job.repository, d);
                         }
                         return Summary {
-                            result: "gone",
+                            result: Validated::Gone,
                             index: job.kind == ManifestKind::Index,
                             broken: 0,
                         };
                     }
-                    _ => "error",
+                    _ => IndexCheck::Error,
                 };
-                if label == "error" {
+                if result == IndexCheck::Error {
                     tracing::warn!(
                         repository = %job.repository,
                         reference = %job.reference,
@@ -386,9 +409,9 @@ impl Inspector {
                         "cannot validate manifest"
                     );
                 }
-                self.count_index(job.kind, label);
+                self.count_index(job.kind, result);
                 return Summary {
-                    result: label,
+                    result: Validated::Checked(result),
                     index: job.kind == ManifestKind::Index,
                     broken: 0,
                 };
@@ -431,12 +454,12 @@ impl Inspector {
                 "validation stopped: validate.max_references reached"
             );
         }
-        let label = if tally.broken > 0 {
-            "broken"
+        let result = if tally.broken > 0 {
+            IndexCheck::Broken
         } else if tally.unauthorized > 0 {
-            "unauthorized"
+            IndexCheck::Unauthorized
         } else if tally.errors > 0 {
-            "error"
+            IndexCheck::Error
         } else {
             self.shared.recent_ok.insert(
                 (
@@ -446,7 +469,7 @@ impl Inspector {
                 ),
                 (),
             );
-            "ok"
+            IndexCheck::Ok
         };
         let is_index = matches!(manifest.as_ref(), Manifest::Index { .. });
         if is_index {
@@ -464,18 +487,18 @@ impl Inspector {
             } else {
                 ManifestKind::Image
             },
-            label,
+            result,
         );
         Summary {
-            result: label,
+            result: Validated::Checked(result),
             index: is_index,
             broken: tally.broken,
         }
     }
 
-    fn count_index(&self, kind: ManifestKind, label: &str) {
+    fn count_index(&self, kind: ManifestKind, result: IndexCheck) {
         if kind == ManifestKind::Index {
-            self.shared.metrics.index_checks.inc(label);
+            self.shared.metrics.index_checks.inc(result);
         }
     }
 
