@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 use serde::Serialize;
 
-use crate::checker::{Checker, Outcome, OutcomeKind, OverBudget, RefKind, Visit, Walk};
+use crate::checker::{Checker, FetchError, Outcome, OutcomeKind, OverBudget, RefKind, Visit, Walk};
 use crate::oci::{Descriptor, Manifest};
 
 /// `repo:tag` or `repo@digest`, whichever `reference` is.
@@ -147,6 +147,16 @@ fn over_budget(d: &Descriptor, over: &OverBudget) -> Node {
     }
 }
 
+/// The image to check could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{image}: {error}")]
+pub struct ImageError {
+    /// `repo@digest`.
+    pub image: String,
+    #[source]
+    pub error: FetchError,
+}
+
 /// Checks the image at `digest` (already resolved by the caller) deeply. `labels` names
 /// index children by digest ("attestation for linux/amd64"); others keep their platform.
 pub async fn check_image(
@@ -156,11 +166,14 @@ pub async fn check_image(
     auth: Option<&HeaderValue>,
     max_depth: u32,
     labels: &HashMap<String, String>,
-) -> Result<Node, String> {
+) -> Result<Node, ImageError> {
     let manifest = checker
         .manifest(repo, digest, auth)
         .await
-        .map_err(|e| registry_words(&format!("{}: {e}", at(repo, digest))))?;
+        .map_err(|error| ImageError {
+            image: at(repo, digest),
+            error,
+        })?;
     let mut root = Node {
         role: Role::Index,
         digest: digest.to_string(),

@@ -140,7 +140,7 @@ fn main() -> ExitCode {
 }
 
 /// Ends a CLI command that could not run: exit code 2 with the reason on stderr.
-fn cannot(command: &str, msg: &str) -> ExitCode {
+fn cannot(command: &str, msg: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("regguard {command}: {msg}");
     ExitCode::from(2)
 }
@@ -154,11 +154,20 @@ fn verdict(broken: bool, unchecked: bool) -> ExitCode {
     }
 }
 
-fn cli_runtime() -> Result<tokio::runtime::Runtime, String> {
+/// Why a CLI command could not run at all (before or after its work).
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+fn cli_runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
+        .map_err(CliError::Runtime)
 }
 
 /// Prints `value` as JSON, or `text()` for people.
@@ -166,12 +175,9 @@ fn report<T: serde::Serialize>(
     format: OutputFormat,
     value: &T,
     text: impl FnOnce() -> String,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     match format {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(value).map_err(|e| e.to_string())?
-        ),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value)?),
         OutputFormat::Text => print!("{}", text()),
     }
     Ok(())

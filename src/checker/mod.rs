@@ -29,7 +29,7 @@ use crate::watch::UpstreamWatch;
 mod outcome;
 mod walk;
 pub use crate::oci::RefKind;
-pub use outcome::{judge, FetchError, Mismatched, Outcome, OutcomeKind, Presence};
+pub use outcome::{judge, FetchError, Mismatched, Outcome, OutcomeKind, Presence, RequestError};
 pub use walk::{OverBudget, Visit, Walk, DEFAULT_MAX_REFERENCES};
 
 /// Cache lifetimes and limits.
@@ -62,6 +62,16 @@ impl CheckerSettings {
     }
 }
 
+/// Why a standalone checker could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The registry address (or the built-in defaults) did not read as configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Metrics(#[from] prometheus::Error),
+}
+
 /// A checker of its own, for the CLI (outside `serve`): the registry at `base`
 /// (`http://` or `https://`), default lifetimes, and the client it uses.
 pub struct Standalone {
@@ -72,9 +82,9 @@ pub struct Standalone {
 
 impl Standalone {
     /// `insecure` skips certificate verification (plain HTTP is the caller's decision).
-    pub fn new(base: &str, insecure: bool, registry: &Registry) -> Result<Self, String> {
-        let upstream = Upstream::parse_registry(base).map_err(|e| e.to_string())?;
-        let defaults = crate::config::Settings::from_toml("").map_err(|e| e.to_string())?;
+    pub fn new(base: &str, insecure: bool, registry: &Registry) -> Result<Self, SetupError> {
+        let upstream = Upstream::parse_registry(base)?;
+        let defaults = crate::config::Settings::from_toml("")?;
         let verify = if insecure {
             crate::upstream::TlsVerify::None
         } else {
@@ -87,8 +97,7 @@ impl Standalone {
             upstream.clone(),
             CheckerSettings::from_validate(&defaults.validate),
             registry,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         Ok(Standalone {
             checker: Arc::new(checker),
             client,
@@ -412,11 +421,11 @@ impl Checker {
         kind: RefKind,
         digest: &str,
         auth: Option<&HeaderValue>,
-    ) -> Result<Request<UpstreamBody>, String> {
+    ) -> Result<Request<UpstreamBody>, RequestError> {
         let uri = self
             .upstream
             .uri_for(&format!("/v2/{repo}/{}/{digest}", kind.path()))
-            .map_err(|e| format!("bad reference: {e}"))?;
+            .map_err(RequestError::BadReference)?;
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
@@ -424,7 +433,7 @@ impl Checker {
             .header(header::USER_AGENT, user_agent())
             .header(header::ACCEPT, oci::accept_all())
             .body(UpstreamBody::empty())
-            .map_err(|e| e.to_string())?;
+            .map_err(RequestError::Build)?;
         if let Some(a) = auth {
             req.headers_mut().insert(header::AUTHORIZATION, a.clone());
         }
@@ -441,7 +450,7 @@ impl Checker {
     ) -> Presence {
         let req = match self.request(Method::HEAD, repo, kind, digest, auth) {
             Ok(r) => r,
-            Err(e) => return Presence::Error(e),
+            Err(e) => return Presence::Error(e.to_string()),
         };
         let started = Instant::now();
         let sent =
@@ -523,16 +532,11 @@ impl Checker {
     ) -> Result<Arc<Manifest>, FetchError> {
         let req = self
             .request(Method::GET, repo, RefKind::Manifest, digest, auth)
-            .map_err(FetchError::Upstream)?;
+            .map_err(|e| FetchError::Request(Arc::new(e)))?;
         let resp = tokio::time::timeout(self.settings.check_timeout, self.client.request(req))
             .await
-            .map_err(|_| {
-                FetchError::Upstream(format!(
-                    "no answer within {:?}",
-                    self.settings.check_timeout
-                ))
-            })?
-            .map_err(|e| FetchError::Upstream(format!("upstream unreachable: {e}")))?;
+            .map_err(|_| FetchError::Timeout(self.settings.check_timeout))?
+            .map_err(|e| FetchError::Unreachable(Arc::new(e)))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(FetchError::Unauthorized(status.as_u16()));
@@ -550,12 +554,12 @@ impl Checker {
             Limited::new(resp.into_body(), MAX_MANIFEST_BYTES).collect(),
         )
         .await
-        .map_err(|_| FetchError::Upstream("manifest body too slow".into()))?
+        .map_err(|_| FetchError::BodyTimeout)?
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 FetchError::Parse(oci::ParseError::TooLarge)
             } else {
-                FetchError::Upstream(format!("reading manifest: {e}"))
+                FetchError::Body(Arc::from(e))
             }
         })?
         .to_bytes();

@@ -1,6 +1,9 @@
 //! The checker's vocabulary: what kind of reference, what the registry said about it,
 //! and the verdict on a descriptor (`judge`). Pure values and functions; no I/O.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::oci::{self, Descriptor, RefKind};
 
 /// What the upstream said about a reference (cached).
@@ -159,15 +162,39 @@ pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outc
     }
 }
 
-/// Why a manifest could not be fetched and read.
+/// Why a request to the upstream could not even be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The repository or digest does not make a valid URI path.
+    #[error("bad reference: {0}")]
+    BadReference(#[source] http::Error),
+    #[error("{0}")]
+    Build(#[source] http::Error),
+}
+
+/// Why a manifest could not be fetched and read. Cloned out of the shared fetch (the
+/// content cache hands one failure to every waiter), so non-`Clone` sources sit in `Arc`s.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     #[error("upstream answered {0}")]
     Status(u16),
     #[error("not authorized ({0})")]
     Unauthorized(u16),
-    #[error("{0}")]
-    Upstream(String),
+    #[error(transparent)]
+    Request(Arc<RequestError>),
+    /// No response head within the check timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("upstream unreachable: {0}")]
+    Unreachable(#[source] Arc<hyper_util::client::legacy::Error>),
+    /// The body did not arrive within the check timeout.
+    #[error("manifest body too slow")]
+    BodyTimeout,
+    #[error("reading manifest: {0}")]
+    Body(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    /// Served bytes without `Docker-Content-Digest`, and a tag to fetch by (not a digest).
+    #[error("response had no Docker-Content-Digest")]
+    NoDigest,
     #[error("body digest {found} does not match {expected}")]
     DigestMismatch { expected: String, found: String },
     #[error(transparent)]

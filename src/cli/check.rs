@@ -258,7 +258,7 @@ async fn check_one(
     credentials: &Credentials,
 ) -> Result<Node, Problem> {
     let base = base_url(r.scheme, &r.host, insecure).await?;
-    let login = credentials.for_host(&r.host).map_err(Problem::Auth)?;
+    let login = credentials.for_host(&r.host)?;
     let access = RegistryAccess::new(&base, insecure, login);
     access.ping().await?;
     let resolved = resolve(&access, r).await?;
@@ -266,8 +266,7 @@ async fn check_one(
         .authorization(&format!("repository:{}:pull", r.repository))
         .await?;
     let crate::checker::Standalone { checker, .. } =
-        crate::checker::Standalone::new(&base, insecure, &prometheus::Registry::new())
-            .map_err(Problem::Other)?;
+        crate::checker::Standalone::new(&base, insecure, &prometheus::Registry::new())?;
     check_image(
         &checker,
         &r.repository,
@@ -277,7 +276,7 @@ async fn check_one(
         &resolved.labels,
     )
     .await
-    .map_err(Problem::Other)
+    .map_err(Problem::from)
 }
 
 /// Checks each image with the credentials for its host.

@@ -196,7 +196,7 @@ pub async fn scan_registry(
         )));
     }
     let base = base_url(scheme, host, insecure).await?;
-    let login = credentials.for_host(host).map_err(Problem::Auth)?;
+    let login = credentials.for_host(host)?;
     let access = Arc::new(RegistryAccess::new(&base, insecure, login));
     let challenge = access.ping().await?;
     let catalog = access
@@ -220,7 +220,7 @@ pub async fn scan_registry(
     let source: Arc<dyn crate::scan::ScanAuth> = access.clone();
     let once = crate::scan::scan_once(&base, insecure, basic, Some(source), page_size, concurrency)
         .await
-        .map_err(|e| Problem::Other(registry_words(&e)))?;
+        .map_err(|e| Problem::Other(registry_words(&e.to_string())))?;
     let broken = findings(&access, host, once.broken).await;
     Ok(ScanOutcome {
         registry: once.registry,

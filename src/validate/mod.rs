@@ -515,11 +515,7 @@ impl Inspector {
         let digest = match &job.digest {
             Some(d) => d.clone(),
             None if crate::oci::is_sha256_digest(&job.reference) => job.reference.clone(),
-            None => {
-                return Err(FetchError::Upstream(
-                    "response had no Docker-Content-Digest".into(),
-                ))
-            }
+            None => return Err(FetchError::NoDigest),
         };
         let m = self
             .checker
