@@ -352,7 +352,9 @@ impl Scanner {
         Ok(out)
     }
 
-    /// One whole scan; updates the probe gauges.
+    /// One whole scan; updates the probe gauges. Phases: read the catalog, list each
+    /// repository's tags and check them ([`Scanner::spawn_tags`]), gather the results
+    /// ([`Scanner::gather`]), set the gauges ([`Scanner::finish`]).
     pub async fn scan(self: &Arc<Self>) -> ScanReport {
         let started = Instant::now();
         let n = self.settings.page_size;
@@ -392,22 +394,45 @@ impl Scanner {
                 bar.inc_length(tags.len() as u64);
                 bar.set_message(format!("{} repositories listed", report.repositories));
             }
-            for tag in tags {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                let me = self.clone();
-                let repo = repo.clone();
-                tasks.spawn(async move {
-                    let r = me.tag(&repo, &tag).await;
-                    drop(permit);
-                    if let Some(bar) = &me.progress {
-                        bar.inc(1);
-                    }
-                    r
-                });
-            }
+            self.spawn_tags(&repo, tags, &permits, &mut tasks).await;
         }
+        self.gather(tasks, &mut report).await;
+        report.duration_seconds = started.elapsed().as_secs_f64();
+        self.finish(&report, started);
+        if let Some(bar) = &self.progress {
+            bar.finish_and_clear();
+        }
+        report
+    }
+
+    /// Starts a check of each tag of `repo`, at most `concurrency` at once (waits for a
+    /// permit before each; the semaphore is never closed, so none is skipped).
+    async fn spawn_tags(
+        self: &Arc<Self>,
+        repo: &str,
+        tags: Vec<String>,
+        permits: &Arc<Semaphore>,
+        tasks: &mut tokio::task::JoinSet<TagResult>,
+    ) {
+        for tag in tags {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let me = self.clone();
+            let repo = repo.to_owned();
+            tasks.spawn(async move {
+                let r = me.tag(&repo, &tag).await;
+                drop(permit);
+                if let Some(bar) = &me.progress {
+                    bar.inc(1);
+                }
+                r
+            });
+        }
+    }
+
+    /// Waits for every tag check and adds each result to the report.
+    async fn gather(&self, mut tasks: tokio::task::JoinSet<TagResult>, report: &mut ScanReport) {
         while let Some(done) = tasks.join_next().await {
             match done {
                 Ok(TagResult::Checked { index, broken }) => {
@@ -428,12 +453,6 @@ impl Scanner {
                 }
             }
         }
-        report.duration_seconds = started.elapsed().as_secs_f64();
-        self.finish(&report, started);
-        if let Some(bar) = &self.progress {
-            bar.finish_and_clear();
-        }
-        report
     }
 
     fn finish(&self, report: &ScanReport, started: Instant) {

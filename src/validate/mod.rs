@@ -379,55 +379,68 @@ struct Node<'a> {
 }
 
 impl Inspector {
-    /// Validates one manifest and records what it finds in the integrity state.
+    /// Validates one manifest and records what it finds in the integrity state, in three
+    /// phases: [`Inspector::resolve`] the manifest (a failure ends it in
+    /// [`Inspector::unreadable`]), [`Inspector::walk`] its references, and
+    /// [`Inspector::conclude`] (heal, remember, count).
     pub async fn validate(&self, job: Job) -> Summary {
-        let result = self.resolve(&job).await;
-        let (digest, manifest) = match result {
+        let (digest, manifest) = match self.resolve(&job).await {
             Ok(v) => v,
-            Err(e) => {
-                let result = match &e {
-                    FetchError::Unauthorized(_) => IndexCheck::Unauthorized,
-                    FetchError::Status(404) => {
-                        // The index is gone (deleted after it was served): nothing to validate.
-                        if let Some(d) = &job.digest {
-                            self.integrity.remove_index(&job.repository, d);
-                        }
-                        return Summary {
-                            result: Validated::Gone,
-                            index: job.kind == ManifestKind::Index,
-                            broken: 0,
-                        };
-                    }
-                    _ => IndexCheck::Error,
-                };
-                if result == IndexCheck::Error {
-                    tracing::warn!(
-                        repository = %job.repository,
-                        reference = %job.reference,
-                        digest = job.digest.as_deref().unwrap_or(""),
-                        error = %e,
-                        "cannot validate manifest"
-                    );
+            Err(e) => return self.unreadable(&job, &e),
+        };
+        let tally = self.walk(&job, &digest, &manifest).await;
+        self.conclude(&job, &digest, &manifest, tally)
+    }
+
+    /// The manifest could not be read: gone (its broken references go with it), not ours
+    /// to read, or an error.
+    fn unreadable(&self, job: &Job, e: &FetchError) -> Summary {
+        let result = match e {
+            FetchError::Unauthorized(_) => IndexCheck::Unauthorized,
+            FetchError::Status(404) => {
+                // The index is gone (deleted after it was served): nothing to validate.
+                if let Some(d) = &job.digest {
+                    self.integrity.remove_index(&job.repository, d);
                 }
-                self.count_index(job.kind, result);
                 return Summary {
-                    result: Validated::Checked(result),
+                    result: Validated::Gone,
                     index: job.kind == ManifestKind::Index,
                     broken: 0,
                 };
             }
+            _ => IndexCheck::Error,
         };
+        if result == IndexCheck::Error {
+            tracing::warn!(
+                repository = %job.repository,
+                reference = %job.reference,
+                digest = job.digest.as_deref().unwrap_or(""),
+                error = %e,
+                "cannot validate manifest"
+            );
+        }
+        self.count_index(job.kind, result);
+        Summary {
+            result: Validated::Checked(result),
+            index: job.kind == ManifestKind::Index,
+            broken: 0,
+        }
+    }
+
+    /// Judges every reference of the manifest at `digest` (see `walk.rs`), within the
+    /// reference budget, and records the broken ones as it goes.
+    async fn walk(&self, job: &Job, digest: &str, manifest: &Manifest) -> Tally {
         let node = Node {
             repository: &job.repository,
             reference: &job.reference,
-            root_digest: &digest,
+            root_digest: digest,
             auth: job.auth.as_ref(),
             seen_at: job.seen_at,
             blobs: job.blobs,
         };
         let mut tally = Tally::default();
         let mut walk = Walk::new(self.settings.max_references);
-        match manifest.as_ref() {
+        match manifest {
             Manifest::Index { manifests } => {
                 self.walk_index(&node, manifests, 1, &mut tally, &mut walk)
                     .await
@@ -435,14 +448,20 @@ impl Inspector {
             Manifest::Image { .. } => {
                 if node.blobs {
                     let none: Arc<str> = Arc::from("");
-                    self.check_image_blobs(&node, &manifest, &none, &mut tally, &mut walk)
+                    self.check_image_blobs(&node, manifest, &none, &mut tally, &mut walk)
                         .await;
                 }
             }
         }
+        tally
+    }
+
+    /// Heals what the walk found present, decides the result, remembers an ok manifest
+    /// (and every index, for re-validation after a delete), and counts it.
+    fn conclude(&self, job: &Job, digest: &str, manifest: &Manifest, mut tally: Tally) -> Summary {
         for d in &tally.ok {
             if !tally.broken_digests.contains(d) {
-                self.integrity.report_ok(&job.repository, &digest, d);
+                self.integrity.report_ok(&job.repository, digest, d);
             }
         }
         if let Some(over) = tally.over_budget {
@@ -464,20 +483,17 @@ impl Inspector {
             self.shared.recent_ok.insert(
                 (
                     Arc::from(job.repository.as_str()),
-                    Arc::from(digest.as_str()),
+                    Arc::from(digest),
                     job.blobs,
                 ),
                 (),
             );
             IndexCheck::Ok
         };
-        let is_index = matches!(manifest.as_ref(), Manifest::Index { .. });
+        let is_index = matches!(manifest, Manifest::Index { .. });
         if is_index {
             self.shared.indexes.insert(
-                (
-                    Arc::from(job.repository.as_str()),
-                    Arc::from(digest.as_str()),
-                ),
+                (Arc::from(job.repository.as_str()), Arc::from(digest)),
                 Arc::from(job.reference.as_str()),
             );
         }
