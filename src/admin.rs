@@ -2,6 +2,10 @@
 //!
 //! Never the public listener, so metrics and probes are not reachable by
 //! registry clients. Plain HTTP/1.1: Prometheus and kubelets speak it.
+//!
+//! It shows state kept elsewhere (metrics, the integrity state, the supervisor, the
+//! validator for delete notifications) and knows nothing of the request path or of how that
+//! state is kept.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -3,6 +3,9 @@
 //! Every response regguard produces by itself (as opposed to relaying the
 //! registry's) is rendered by [`oci_error`], so clients always see the
 //! distribution error shape `{"errors":[{"code","message","detail"}]}`.
+//!
+//! It knows nothing of the request path that raises these errors: only how each is
+//! labelled ([`ErrorKind`]) and answered.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};

@@ -7,6 +7,9 @@
 //! 404), and, in `deep` mode, about each child image's config and layers too.
 //! A `subject` is never required to exist (the OCI spec says a registry MUST
 //! accept it); layers with `urls` are skipped; unknown media types pass.
+//!
+//! It decides and counts; it knows nothing of HTTP. The push path (`proxy/push.rs`) reads
+//! the body within the budget, turns the verdict into an answer, and forwards.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

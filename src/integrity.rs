@@ -5,6 +5,9 @@
 //! index itself is gone. The state is exported three ways: the cron probe's
 //! gauge `registry_manifest_integrity_failures{instance}`, one
 //! `regguard_broken_reference_info` series per entry (bounded), and `/integrity`.
+//!
+//! It knows nothing of how references are checked or who found them: callers report,
+//! it remembers and exports.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

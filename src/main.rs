@@ -1,4 +1,6 @@
 //! The `regguard` binary: parses the command line, sets up logging, and calls the library.
+//!
+//! It holds no behaviour of its own beyond exit codes; everything else is the library's.
 #![forbid(unsafe_code)]
 
 use std::io::IsTerminal;

@@ -3,6 +3,9 @@
 //! Every labelled handle is looked up once, here, at start-up: the request path
 //! only indexes into vectors of ready counters. Label sets are bounded (method,
 //! route kind, status class, error kind); no repository names.
+//!
+//! Features declare their own label sets with `labels!` and register their own
+//! counters; this module knows none of them, only the forwarding path's.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -20,7 +23,7 @@ const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 /// A closed set of values of one metric label: an enum whose every value is a series,
 /// registered at start-up. A value outside the set cannot be written, so nothing is
-/// silently dropped. Declare one with [`labels!`].
+/// silently dropped. Declare one with `labels!`.
 pub trait Label: Copy + 'static {
     /// Every value, in declaration order: a value's position here is its [`Label::index`].
     const ALL: &'static [Self];

@@ -6,6 +6,9 @@
 //! The walk follows pagination (`n` and the `Link` header) for the catalog and
 //! for each tag list, bounds its concurrency, and paces its requests, so a scan
 //! never starves client traffic.
+//!
+//! It knows nothing of the command line: credentials per scope arrive through
+//! [`ScanAuth`], and a progress bar is handed in.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -353,8 +356,8 @@ impl Scanner {
     }
 
     /// One whole scan; updates the probe gauges. Phases: read the catalog, list each
-    /// repository's tags and check them ([`Scanner::spawn_tags`]), gather the results
-    /// ([`Scanner::gather`]), set the gauges ([`Scanner::finish`]).
+    /// repository's tags and check them (`Scanner::spawn_tags`), gather the results
+    /// (`Scanner::gather`), set the gauges (`Scanner::finish`).
     pub async fn scan(self: &Arc<Self>) -> ScanReport {
         let started = Instant::now();
         let n = self.settings.page_size;

@@ -9,6 +9,9 @@
 //! `conn::Slots`); each is wrapped in `conn::ClientIo`, which closes it when no
 //! request has been in flight for `header_read_timeout` or a write to the
 //! client has made no progress for `idle_timeout`.
+//!
+//! It builds the components and wires them together (see `wire`), knowing none of their
+//! internals; the request path is `proxy`'s.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -77,8 +80,8 @@ pub struct Bound {
 }
 
 /// Binds both listeners and serves until `shutdown` resolves, then drains. Phases:
-/// [`upstream_pools`], [`listen`], [`wire`] the components, [`accept_until`] shutdown,
-/// [`drain`].
+/// `upstream_pools`, `listen`, `wire` the components, `accept_until` shutdown,
+/// `drain`.
 pub async fn serve(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,

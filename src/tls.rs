@@ -16,6 +16,8 @@
 //! file itself watches the old inode), and a same-size rewrite within one mtime
 //! tick is invisible to mtime+size. Reading two small files every few seconds
 //! costs nothing, needs no extra crate, and follows every kind of replacement.
+//!
+//! It knows nothing of HTTP or of what the connections carry.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

@@ -1,6 +1,6 @@
 //! The checker: one answer to "is this reference present in this repository,
-//! with this size and digest?", shared by serve-time validation (and, later,
-//! the push gate, the scan and the CLI).
+//! with this size and digest?", shared by serve-time validation, the push gate,
+//! the scan and the CLI.
 //!
 //! It asks the upstream with `HEAD`, sending all four manifest types in
 //! `Accept` (registry 2.8 answers 404 for existing OCI content otherwise) and
@@ -9,6 +9,9 @@
 //! (repository, digest, kind): presence is per repository. The cache stores
 //! facts, not verdicts, so the same entry answers descriptors of any size.
 //! Concurrent questions for one key share one upstream request.
+//!
+//! It knows nothing of who asks, of the integrity state, or of requests on the forwarding
+//! path: callers pass the descriptor and the credentials, and act on the outcome.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

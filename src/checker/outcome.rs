@@ -1,5 +1,8 @@
 //! The checker's vocabulary: what kind of reference, what the registry said about it,
 //! and the verdict on a descriptor (`judge`). Pure values and functions; no I/O.
+//!
+//! It names the `result` label values ([`OutcomeKind`]) but registers no metric and knows
+//! nothing of caches or callers.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,6 +3,8 @@
 //! failure explained as what was sent, what the registry said and what to do about it.
 //!
 //! Only the CLI uses this module: `serve` forwards its clients' own credentials.
+//!
+//! It knows nothing of checks or scans: it sends requests and explains their answers.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;

@@ -1,5 +1,8 @@
 //! `regguard check`: reach each image's registry, log in, resolve the reference (a missing one
 //! is "not found", never "broken"), then walk its tree with [`crate::inspect::check_image`].
+//!
+//! The walk and its verdicts are `inspect`'s; this module knows how to reach a registry
+//! and how to report, not how to judge.
 
 use std::collections::HashMap;
 

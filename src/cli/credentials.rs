@@ -7,6 +7,8 @@
 //! crate matches `auths` keys exactly (docker itself treats `https://host/` and `host` alike),
 //! and it would bring a second major version of `base64` into the tree. What it does is small:
 //! one JSON lookup and one `docker-credential-<name> get` call.
+//!
+//! It knows nothing of registries' answers: [`super::access`] sends what it finds.
 
 use std::path::PathBuf;
 use std::process::ExitStatus;

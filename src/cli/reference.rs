@@ -1,5 +1,7 @@
 //! Image references as people paste them: `[http[s]://|docker://]host[:port]/repo[:tag|@digest]`,
 //! with the syntax of digests, tags and repository names checked before anything is sent.
+//!
+//! No I/O; it knows nothing of registries or credentials.
 
 use crate::inspect::at;
 

@@ -1,6 +1,9 @@
 //! `regguard scan`: reach the registry (explaining why not), check catalog access, scan with a
 //! token per scope, then name what was found (attestations after their image) and say how to
 //! repair each broken reference.
+//!
+//! The scan itself is [`crate::scan`]'s; this module knows how to reach, authenticate and
+//! report, not how to walk.
 
 use std::collections::HashMap;
 use std::sync::Arc;

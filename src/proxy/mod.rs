@@ -11,6 +11,9 @@
 //! 5. **log and count** when the response body ends or is dropped.
 //!
 //! Nothing here waits on anything but the client and the upstream.
+//!
+//! It knows nothing of how manifests are judged: the tap hands them to validation through
+//! the validator's queue, and the push path needs only the gate's verdict.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;

@@ -1,5 +1,7 @@
 //! The push path: a manifest PUT read within the memory budget, checked by the gate,
 //! and forwarded (exact bytes) or refused with an OCI error. Phase 2½ of the request.
+//!
+//! It knows how to read and answer a push; what is wrong with one is the gate's to say.
 
 use std::ops::ControlFlow;
 

@@ -9,6 +9,8 @@
 //! image's config and layers), and record what is broken in [`Integrity`].
 //! A re-check loop revisits broken references every `missing_ttl`, so the
 //! gauge heals without anyone pulling.
+//!
+//! It knows nothing of HTTP or the forwarding path beyond the [`Job`] it is handed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -380,9 +382,9 @@ struct Node<'a> {
 
 impl Inspector {
     /// Validates one manifest and records what it finds in the integrity state, in three
-    /// phases: [`Inspector::resolve`] the manifest (a failure ends it in
-    /// [`Inspector::unreadable`]), [`Inspector::walk`] its references, and
-    /// [`Inspector::conclude`] (heal, remember, count).
+    /// phases: `Inspector::resolve` the manifest (a failure ends it in
+    /// `Inspector::unreadable`), `Inspector::walk` its references, and
+    /// `Inspector::conclude` (heal, remember, count).
     pub async fn validate(&self, job: Job) -> Summary {
         let (digest, manifest) = match self.resolve(&job).await {
             Ok(v) => v,
