@@ -2,6 +2,10 @@
 //!
 //! Never the public listener, so metrics and probes are not reachable by
 //! registry clients. Plain HTTP/1.1: Prometheus and kubelets speak it.
+//!
+//! It shows state kept elsewhere (metrics, the integrity state, the supervisor, the
+//! validator for delete notifications) and knows nothing of the request path or of how that
+//! state is kept.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -160,19 +164,30 @@ impl Admin {
     }
 
     /// `GET /v2/` upstream: any HTTP status (200, or 401 with auth) means the registry is there.
-    async fn probe_upstream(&self) -> Result<StatusCode, String> {
-        let uri = self.upstream.uri_for("/v2/").map_err(|e| e.to_string())?;
+    async fn probe_upstream(&self) -> Result<StatusCode, ProbeError> {
+        let uri = self.upstream.uri_for("/v2/").map_err(ProbeError::Request)?;
         let req = Request::get(uri)
             .header(header::HOST, self.upstream.host_header.clone())
             .header(header::USER_AGENT, user_agent())
             .body(UpstreamBody::empty())
-            .map_err(|e| e.to_string())?;
+            .map_err(ProbeError::Request)?;
         match tokio::time::timeout(READY_PROBE_TIMEOUT, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp.status()),
-            Ok(Err(e)) => Err(format!("unreachable: {e}")),
-            Err(_) => Err(format!("did not answer within {READY_PROBE_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(ProbeError::Unreachable(e)),
+            Err(_) => Err(ProbeError::Deadline),
         }
     }
+}
+
+/// Why the readiness probe found the upstream not there (said after "not ready: upstream").
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("{0}")]
+    Request(#[source] http::Error),
+    #[error("unreachable: {0}")]
+    Unreachable(#[source] hyper_util::client::legacy::Error),
+    #[error("did not answer within {READY_PROBE_TIMEOUT:?}")]
+    Deadline,
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -5,6 +5,10 @@
 //! two frames, nginx's `proxy_read_timeout`/`proxy_send_timeout`); there is no
 //! total deadline. Frames are `Bytes` split off hyper's read buffer, so passing
 //! one on is a reference-count bump, not a copy.
+//!
+//! It knows nothing of exchanges or validation: a body's end reaches whoever keeps the
+//! record through the [`ExchangeRecord`] hook, and a tapped manifest reaches validation
+//! through a [`Deliver`] callback.
 
 use std::future::Future;
 use std::pin::Pin;

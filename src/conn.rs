@@ -16,6 +16,8 @@
 //!
 //! Both cost nothing on the fast path: a read or write that completes touches no
 //! timer; only one that would wait arms (or re-arms) one.
+//!
+//! It knows nothing of HTTP or of what a connection carries.
 
 use std::future::Future;
 use std::io;

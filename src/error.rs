@@ -3,11 +3,15 @@
 //! Every response regguard produces by itself (as opposed to relaying the
 //! registry's) is rendered by [`oci_error`], so clients always see the
 //! distribution error shape `{"errors":[{"code","message","detail"}]}`.
+//!
+//! It knows nothing of the request path that raises these errors: only how each is
+//! labelled ([`ErrorKind`]) and answered.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ResponseBody;
+use crate::metrics::ErrorKind;
 
 /// Why forwarding a request failed, tagged with the side it came from.
 #[derive(Debug, thiserror::Error)]
@@ -31,11 +35,11 @@ pub enum ForwardError {
 
 impl ForwardError {
     /// Short, bounded label used in metrics and logs.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            ForwardError::Unreachable(_) | ForwardError::UpstreamTls(_) => "unreachable",
-            ForwardError::Timeout { .. } => "timeout",
-            ForwardError::ClientAborted(_) => "client_aborted",
+            ForwardError::Unreachable(_) | ForwardError::UpstreamTls(_) => ErrorKind::Unreachable,
+            ForwardError::Timeout { .. } => ErrorKind::Timeout,
+            ForwardError::ClientAborted(_) => ErrorKind::ClientAborted,
         }
     }
 

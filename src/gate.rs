@@ -7,6 +7,9 @@
 //! 404), and, in `deep` mode, about each child image's config and layers too.
 //! A `subject` is never required to exist (the OCI spec says a registry MUST
 //! accept it); layers with `urls` are skipped; unknown media types pass.
+//!
+//! It decides and counts; it knows nothing of HTTP. The push path (`proxy/push.rs`) reads
+//! the body within the budget, turns the verdict into an answer, and forwards.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,18 +25,41 @@ use futures_util::future::join_all;
 
 use crate::budget::MemoryBudget;
 use crate::checker::{
-    Checker, FetchError, Outcome, OverBudget, RefKind, Visit, Walk, OFF_THREAD_BYTES,
+    Checker, FetchError, Mismatched, Outcome, OverBudget, RefKind, Visit, Walk, OFF_THREAD_BYTES,
 };
 use crate::oci::{self, Descriptor, Manifest, ManifestKind, ParseError};
 
 pub use crate::config::features::{GateDepth, GateMode, GateSettings, OnCheckError};
 
+/// Why a reference of a pushed manifest is refused (`reason` in the rejection's detail).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Not in the repository.
+    Missing,
+    /// Present with another size than the descriptor says.
+    SizeMismatch,
+    /// Served as another media type than the descriptor says.
+    MediaTypeMismatch,
+    /// Served under another digest than the descriptor says.
+    DigestMismatch,
+}
+
+impl From<Mismatched> for Reason {
+    fn from(what: Mismatched) -> Self {
+        match what {
+            Mismatched::Size => Reason::SizeMismatch,
+            Mismatched::MediaType => Reason::MediaTypeMismatch,
+            Mismatched::Digest => Reason::DigestMismatch,
+        }
+    }
+}
+
 /// One thing wrong with a pushed manifest.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
     pub digest: String,
-    /// missing | size_mismatch | media_type_mismatch | digest_mismatch
-    pub reason: &'static str,
+    pub reason: Reason,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -72,15 +98,30 @@ pub enum Verdict {
     TooManyReferences(usize),
 }
 
+crate::metrics::labels! {
+    /// What became of one push: the `result` label of `regguard_push_gate_total`.
+    pub enum GateResult {
+        Accepted => "accepted",
+        Rejected => "rejected",
+        /// Audit mode: it would have been rejected, and was forwarded.
+        AuditWouldReject => "audit_would_reject",
+        CheckError => "check_error",
+        Passthrough => "passthrough",
+        Unauthorized => "unauthorized",
+    }
+}
+
 impl Verdict {
-    /// The `result` label.
-    pub fn label(&self) -> &'static str {
+    /// The result this verdict counts as when the gate enforces it.
+    pub fn result(&self) -> GateResult {
         match self {
-            Verdict::Accept => "accepted",
-            Verdict::Passthrough => "passthrough",
-            Verdict::Invalid(_) | Verdict::Reject(_) | Verdict::TooManyReferences(_) => "rejected",
-            Verdict::CheckError(_) => "check_error",
-            Verdict::Unauthorized(_) => "unauthorized",
+            Verdict::Accept => GateResult::Accepted,
+            Verdict::Passthrough => GateResult::Passthrough,
+            Verdict::Invalid(_) | Verdict::Reject(_) | Verdict::TooManyReferences(_) => {
+                GateResult::Rejected
+            }
+            Verdict::CheckError(_) => GateResult::CheckError,
+            Verdict::Unauthorized(_) => GateResult::Unauthorized,
         }
     }
 }
@@ -91,7 +132,7 @@ pub struct Gate {
     pub settings: GateSettings,
     /// Manifest bytes in memory, shared with the response taps.
     pub budget: Arc<MemoryBudget>,
-    results: CounterSet,
+    results: CounterSet<GateResult>,
     duration: Histogram,
 }
 
@@ -121,14 +162,6 @@ impl Gate {
             "regguard_push_gate_total",
             "Manifest pushes by gate result (accepted, rejected, audit_would_reject, check_error, passthrough, unauthorized)",
             "result",
-            &[
-                "accepted",
-                "rejected",
-                "audit_would_reject",
-                "check_error",
-                "passthrough",
-                "unauthorized",
-            ],
         )?;
         let duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -179,7 +212,7 @@ impl Gate {
     }
 
     /// Counts one push under `result`.
-    pub fn count(&self, result: &str) {
+    pub fn count(&self, result: GateResult) {
         self.results.inc(result);
     }
 
@@ -457,7 +490,7 @@ fn note(repo: &str, item: &Item, outcome: Outcome, found: &mut Findings) -> bool
         Outcome::Missing => {
             found
                 .problems
-                .push(problem(repo, d, kind, place, "missing", None, None));
+                .push(problem(repo, d, kind, place, Reason::Missing, None, None));
             false
         }
         Outcome::Mismatch {
@@ -465,17 +498,12 @@ fn note(repo: &str, item: &Item, outcome: Outcome, found: &mut Findings) -> bool
             expected,
             found: actual,
         } => {
-            let reason = match what {
-                "size" => "size_mismatch",
-                "media type" => "media_type_mismatch",
-                _ => "digest_mismatch",
-            };
             found.problems.push(problem(
                 repo,
                 d,
                 kind,
                 place,
-                reason,
+                Reason::from(what),
                 Some(expected),
                 Some(actual),
             ));
@@ -513,7 +541,7 @@ fn problem(
     d: &Descriptor,
     kind: RefKind,
     place: Place<'_>,
-    reason: &'static str,
+    reason: Reason,
     expected: Option<String>,
     found: Option<String>,
 ) -> Problem {
@@ -533,20 +561,20 @@ fn problem(
         (RefKind::Blob, None) => format!("blob {}", d.digest),
     };
     let message = match reason {
-        "missing" => format!(
+        Reason::Missing => format!(
             "{what} is not in repository {repo}: push it to this repository first (or mount it from another), then push this manifest again"
         ),
-        "size_mismatch" => format!(
+        Reason::SizeMismatch => format!(
             "{what} has size {} in the manifest but {} in the registry: the manifest was edited or built against other content; rebuild and push again",
             expected.as_deref().unwrap_or("?"),
             found.as_deref().unwrap_or("?")
         ),
-        "media_type_mismatch" => format!(
+        Reason::MediaTypeMismatch => format!(
             "{what} is declared as {} but the registry serves it as {}: fix the descriptor's mediaType",
             expected.as_deref().unwrap_or("?"),
             found.as_deref().unwrap_or("?")
         ),
-        _ => format!("{what} does not match its digest in the registry"),
+        Reason::DigestMismatch => format!("{what} does not match its digest in the registry"),
     };
     Problem {
         digest: d.digest.clone(),
@@ -602,7 +630,7 @@ mod tests {
                 platform: Some("linux/amd64"),
                 child: Some("sha256:cd"),
             },
-            "missing",
+            Reason::Missing,
             None,
             None,
         );

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 use serde::Serialize;
 
-use crate::checker::{Checker, Outcome, OverBudget, RefKind, Visit, Walk};
+use crate::checker::{Checker, FetchError, Outcome, OutcomeKind, OverBudget, RefKind, Visit, Walk};
 use crate::oci::{Descriptor, Manifest};
 
 /// `repo:tag` or `repo@digest`, whichever `reference` is.
@@ -22,18 +22,46 @@ pub fn at(repo: &str, reference: &str) -> String {
     }
 }
 
+/// What a node of the checked tree is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Index,
+    Image,
+    Config,
+    Layer,
+    /// A manifest the walk stopped at before learning which kind it is.
+    Manifest,
+}
+
+impl Role {
+    /// As printed in the tree (and serialised).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Index => "index",
+            Role::Image => "image",
+            Role::Config => "config",
+            Role::Layer => "layer",
+            Role::Manifest => "manifest",
+        }
+    }
+
+    /// A manifest of some kind, rather than a blob.
+    pub fn is_manifest(self) -> bool {
+        matches!(self, Role::Index | Role::Image | Role::Manifest)
+    }
+}
+
 /// One node of the checked tree.
 #[derive(Debug, Clone, Serialize)]
 pub struct Node {
-    /// index | image | config | layer | manifest
-    pub role: &'static str,
+    pub role: Role,
     pub digest: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub platform: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
-    /// ok | missing | mismatch | unauthorized | error
-    pub result: &'static str,
+    pub result: OutcomeKind,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub detail: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -44,9 +72,9 @@ impl Node {
     /// Counts (broken, could-not-check) in this subtree.
     pub fn tally(&self) -> (usize, usize) {
         let own = match self.result {
-            "missing" | "mismatch" => (1, 0),
-            "unauthorized" | "error" => (0, 1),
-            _ => (0, 0),
+            OutcomeKind::Missing | OutcomeKind::Mismatch => (1, 0),
+            OutcomeKind::Unauthorized | OutcomeKind::Error => (0, 1),
+            OutcomeKind::Ok => (0, 0),
         };
         self.children.iter().fold(own, |(b, e), c| {
             let (cb, ce) = c.tally();
@@ -64,8 +92,8 @@ impl Node {
             ("├── ", "│   ")
         };
         let status = match self.result {
-            "ok" => "ok".to_string(),
-            other => format!("{} {}", other.to_uppercase(), self.detail),
+            OutcomeKind::Ok => "ok".to_string(),
+            other => format!("{} {}", other.as_str().to_uppercase(), self.detail),
         };
         let platform = self
             .platform
@@ -74,7 +102,8 @@ impl Node {
             .unwrap_or_default();
         out.push_str(&format!(
             "{prefix}{branch}{}{platform} {}  {status}\n",
-            self.role, self.digest
+            self.role.as_str(),
+            self.digest
         ));
         let child_prefix = format!("{prefix}{next}");
         for (i, c) in self.children.iter().enumerate() {
@@ -84,7 +113,7 @@ impl Node {
 }
 
 fn leaf(
-    role: &'static str,
+    role: Role,
     d: &Descriptor,
     platform: Option<String>,
     outcome: &Outcome,
@@ -95,7 +124,7 @@ fn leaf(
         digest: d.digest.clone(),
         platform,
         size: Some(d.size),
-        result: outcome.label(),
+        result: outcome.kind(),
         detail: if *outcome == Outcome::Ok {
             String::new()
         } else {
@@ -108,14 +137,24 @@ fn leaf(
 /// Where a walk stopped because it reached its budget.
 fn over_budget(d: &Descriptor, over: &OverBudget) -> Node {
     Node {
-        role: "manifest",
+        role: Role::Manifest,
         digest: d.digest.clone(),
         platform: None,
         size: Some(d.size),
-        result: "error",
+        result: OutcomeKind::Error,
         detail: format!("not checked: {over}"),
         children: Vec::new(),
     }
+}
+
+/// The image to check could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{image}: {error}")]
+pub struct ImageError {
+    /// `repo@digest`.
+    pub image: String,
+    #[source]
+    pub error: FetchError,
 }
 
 /// Checks the image at `digest` (already resolved by the caller) deeply. `labels` names
@@ -127,17 +166,20 @@ pub async fn check_image(
     auth: Option<&HeaderValue>,
     max_depth: u32,
     labels: &HashMap<String, String>,
-) -> Result<Node, String> {
+) -> Result<Node, ImageError> {
     let manifest = checker
         .manifest(repo, digest, auth)
         .await
-        .map_err(|e| registry_words(&format!("{}: {e}", at(repo, digest))))?;
+        .map_err(|error| ImageError {
+            image: at(repo, digest),
+            error,
+        })?;
     let mut root = Node {
-        role: "index",
+        role: Role::Index,
         digest: digest.to_string(),
         platform: None,
         size: None,
-        result: "ok",
+        result: OutcomeKind::Ok,
         detail: String::new(),
         children: Vec::new(),
     };
@@ -154,7 +196,7 @@ pub async fn check_image(
             root.children = Box::pin(index_children(&place, manifests, 1, &mut walk)).await;
         }
         Manifest::Image { .. } => {
-            root.role = "image";
+            root.role = Role::Image;
             root.children = image_blobs(checker, repo, &manifest, auth, &mut walk).await;
         }
     }
@@ -199,18 +241,18 @@ async fn index_children(
             .cloned()
             .or_else(|| child.platform.as_ref().map(ToString::to_string));
         let outcome = checker.check(repo, child, RefKind::Manifest, auth).await;
-        let mut node = leaf("image", child, platform, &outcome, RefKind::Manifest);
+        let mut node = leaf(Role::Image, child, platform, &outcome, RefKind::Manifest);
         if outcome == Outcome::Ok && walk_into {
             match checker.manifest(repo, &child.digest, auth).await {
                 Ok(m) => match m.as_ref() {
                     Manifest::Index { manifests } if depth < max_depth => {
-                        node.role = "index";
+                        node.role = Role::Index;
                         node.children =
                             Box::pin(index_children(place, manifests, depth + 1, walk)).await;
                     }
                     Manifest::Index { .. } => {
-                        node.role = "index";
-                        node.result = "error";
+                        node.role = Role::Index;
+                        node.result = OutcomeKind::Error;
                         node.detail = format!("nested deeper than {max_depth}");
                     }
                     Manifest::Image { .. } => {
@@ -218,7 +260,7 @@ async fn index_children(
                     }
                 },
                 Err(e) => {
-                    node.result = "error";
+                    node.result = OutcomeKind::Error;
                     node.detail = registry_words(&e.to_string());
                 }
             }
@@ -242,7 +284,7 @@ async fn image_blobs(
     match walk.visit(RefKind::Blob, config).await {
         Ok(Visit::First | Visit::Variant) => {
             let outcome = checker.check(repo, config, RefKind::Blob, auth).await;
-            out.push(leaf("config", config, None, &outcome, RefKind::Blob));
+            out.push(leaf(Role::Config, config, None, &outcome, RefKind::Blob));
         }
         Ok(Visit::Repeat) => {}
         Err(over) => {
@@ -263,7 +305,7 @@ async fn image_blobs(
             }
         }
         let outcome = checker.check(repo, l, RefKind::Blob, auth).await;
-        out.push(leaf("layer", l, None, &outcome, RefKind::Blob));
+        out.push(leaf(Role::Layer, l, None, &outcome, RefKind::Blob));
     }
     out
 }

@@ -5,6 +5,9 @@
 //! index itself is gone. The state is exported three ways: the cron probe's
 //! gauge `registry_manifest_integrity_failures{instance}`, one
 //! `regguard_broken_reference_info` series per entry (bounded), and `/integrity`.
+//!
+//! It knows nothing of how references are checked or who found them: callers report,
+//! it remembers and exports.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,6 +17,7 @@ use http::HeaderValue;
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use serde::Serialize;
 
+use crate::checker::OutcomeKind;
 use crate::oci::RefKind;
 
 /// One broken reference. No `Debug`: it holds credentials.
@@ -29,6 +33,9 @@ pub struct BrokenRef {
     pub kind: RefKind,
     /// What the upstream said.
     pub upstream_said: String,
+    /// `Missing` or `Mismatch`: what the repair is (not serialised; `upstream_said` says it in words).
+    #[serde(skip)]
+    pub outcome: OutcomeKind,
     /// Seconds since the Unix epoch when first seen broken.
     pub since: u64,
     /// Credentials of the client whose request found it, for re-checks. Never serialised or logged.
@@ -156,6 +163,7 @@ impl Integrity {
         let mut inner = self.lock();
         if let Some(existing) = inner.entries.get_mut(&key) {
             existing.upstream_said = b.upstream_said;
+            existing.outcome = b.outcome;
             if b.auth.is_some() {
                 existing.auth = b.auth;
             }
@@ -348,6 +356,7 @@ mod tests {
             platform: "linux/amd64".into(),
             kind: RefKind::Manifest,
             upstream_said: "404".into(),
+            outcome: OutcomeKind::Missing,
             since: 0,
             auth: None,
             size: 1,

@@ -4,6 +4,11 @@
 //! (see `proxy`): classify the route, forward to the upstream with the header
 //! rewrites the nginx front did, stream the response back, then log and count
 //! when the exchange ends. Modules are named after what they own.
+//!
+//! Dependencies point one way: vocabulary (`oci`, `route`, `error`, `metrics`) below
+//! `config`, below `upstream`, below the checker and the integrity state, below the features
+//! (`validate`, `gate`, `scan`, `inspect`), below `proxy`, `server` and `cli`. A lower module
+//! never names a type of a higher one; events travel up through hooks.
 #![forbid(unsafe_code)]
 // Parsers here read what clients and the registry send: an index or a slice that can
 // panic is a way to stop the proxy. Use `get`, `split_once`, iterators.

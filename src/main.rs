@@ -1,4 +1,6 @@
 //! The `regguard` binary: parses the command line, sets up logging, and calls the library.
+//!
+//! It holds no behaviour of its own beyond exit codes; everything else is the library's.
 #![forbid(unsafe_code)]
 
 use std::io::IsTerminal;
@@ -163,7 +165,7 @@ fn main() -> ExitCode {
 }
 
 /// Ends a CLI command that could not run: exit code 2 with the reason on stderr.
-fn cannot(command: &str, msg: &str) -> ExitCode {
+fn cannot(command: &str, msg: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("regguard {command}: {msg}");
     ExitCode::from(2)
 }
@@ -177,11 +179,20 @@ fn verdict(broken: bool, unchecked: bool) -> ExitCode {
     }
 }
 
-fn cli_runtime() -> Result<tokio::runtime::Runtime, String> {
+/// Why a CLI command could not run at all (before or after its work).
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+fn cli_runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
+        .map_err(CliError::Runtime)
 }
 
 /// Prints `value` as JSON, or `text()` for people.
@@ -189,12 +200,9 @@ fn report<T: serde::Serialize>(
     format: OutputFormat,
     value: &T,
     text: impl FnOnce() -> String,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     match format {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(value).map_err(|e| e.to_string())?
-        ),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value)?),
         OutputFormat::Text => print!("{}", text()),
     }
     Ok(())

@@ -3,6 +3,9 @@
 //! Every labelled handle is looked up once, here, at start-up: the request path
 //! only indexes into vectors of ready counters. Label sets are bounded (method,
 //! route kind, status class, error kind); no repository names.
+//!
+//! Features declare their own label sets with `labels!` and register their own
+//! counters; this module knows none of them, only the forwarding path's.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -17,61 +20,127 @@ const METHODS: [&str; 8] = [
 ];
 /// Status classes; `none` is a request that ended before any status was sent (client gone).
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
-/// Upstream/forwarding failures by kind (see `error::ForwardError::kind`, plus body-stage failures).
-pub static ERROR_KINDS: [&str; 5] = [
-    "unreachable",
-    "timeout",
-    "client_aborted",
-    "upstream_body",
-    "idle_timeout",
-];
 
-/// One counter per value of a single label, registered and looked up once.
-/// `inc` picks by value among a handful of static strings: no hashing, no lock.
-pub struct CounterSet {
-    values: &'static [&'static str],
-    counters: Vec<IntCounter>,
+/// A closed set of values of one metric label: an enum whose every value is a series,
+/// registered at start-up. A value outside the set cannot be written, so nothing is
+/// silently dropped. Declare one with `labels!`.
+pub trait Label: Copy + 'static {
+    /// Every value, in declaration order: a value's position here is its [`Label::index`].
+    const ALL: &'static [Self];
+    /// The label value as exported, and as serialised where the value travels as JSON.
+    fn as_str(self) -> &'static str;
+    /// The position of this value in [`Label::ALL`].
+    fn index(self) -> usize;
 }
 
-impl CounterSet {
-    /// Registers `name{label}` with every value in `values` present from the start (at 0).
+/// Declares a fieldless enum as a [`Label`]: each variant with the string it is exported
+/// (and serialised, and displayed) as. That string is written here and nowhere else.
+macro_rules! labels {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal ),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $( $(#[$vmeta])* $variant ),+
+        }
+
+        impl $crate::metrics::Label for $name {
+            const ALL: &'static [Self] = &[$($name::$variant),+];
+
+            fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+
+            fn index(self) -> usize {
+                // Fieldless, default discriminants: 0, 1, … in declaration order, as in ALL.
+                self as usize
+            }
+        }
+
+        impl $name {
+            /// The label value, as exported and serialised.
+            pub fn as_str(self) -> &'static str {
+                $crate::metrics::Label::as_str(self)
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl ::serde::Serialize for $name {
+            fn serialize<S: ::serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use labels;
+
+labels! {
+    /// Forwarding failures by kind: the `kind` label of `regguard_upstream_errors_total`.
+    pub enum ErrorKind {
+        /// The upstream could not be connected to, or its TLS handshake failed.
+        Unreachable => "unreachable",
+        /// The upstream did not connect or answer in time.
+        Timeout => "timeout",
+        /// The client went away or broke its request body.
+        ClientAborted => "client_aborted",
+        /// The upstream's response body failed part way.
+        UpstreamBody => "upstream_body",
+        /// A body went silent for longer than `idle_timeout`.
+        IdleTimeout => "idle_timeout",
+    }
+}
+
+/// One counter per value of a single label, registered and looked up once.
+/// `inc` indexes by the value's position: no hashing, no lock, no string compare.
+pub struct CounterSet<L: Label> {
+    counters: Vec<IntCounter>,
+    label: std::marker::PhantomData<L>,
+}
+
+impl<L: Label> CounterSet<L> {
+    /// Registers `name{label}` with every value of `L` present from the start (at 0).
     pub fn new(
         registry: &Registry,
         name: &str,
         help: &str,
         label: &str,
-        values: &'static [&'static str],
     ) -> Result<Self, prometheus::Error> {
         let vec = registered(
             registry,
             IntCounterVec::new(Opts::new(name, help), &[label])?,
         )?;
-        let counters = values
+        let counters = L::ALL
             .iter()
-            .map(|v| vec.get_metric_with_label_values(&[v]))
+            .map(|v| vec.get_metric_with_label_values(&[v.as_str()]))
             .collect::<Result<_, _>>()?;
-        Ok(CounterSet { values, counters })
+        Ok(CounterSet {
+            counters,
+            label: std::marker::PhantomData,
+        })
     }
 
-    /// Counts one under `value` (a value not in the set is ignored).
-    pub fn inc(&self, value: &str) {
-        if let Some(c) = self
-            .values
-            .iter()
-            .position(|v| *v == value)
-            .and_then(|i| self.counters.get(i))
-        {
+    /// Counts one under `value`.
+    pub fn inc(&self, value: L) {
+        // Every value was registered in `new`: the lookup cannot miss.
+        if let Some(c) = self.counters.get(value.index()) {
             c.inc();
         }
     }
 
-    /// The current count under `value` (0 for an unknown value).
-    pub fn get(&self, value: &str) -> u64 {
-        self.values
-            .iter()
-            .position(|v| *v == value)
-            .and_then(|i| self.counters.get(i))
-            .map_or(0, |c| c.get())
+    /// The current count under `value`.
+    pub fn get(&self, value: L) -> u64 {
+        self.counters.get(value.index()).map_or(0, |c| c.get())
     }
 }
 
@@ -98,7 +167,7 @@ pub struct Metrics {
     latency: Vec<Histogram>,
     bytes_in: Vec<IntCounter>,
     bytes_out: Vec<IntCounter>,
-    upstream_errors: CounterSet,
+    upstream_errors: CounterSet<ErrorKind>,
     /// Client connections currently open, by listener (`public`).
     pub connections_open: IntGauge,
     /// Client connections accepted since start.
@@ -178,7 +247,6 @@ impl Metrics {
             "regguard_upstream_errors_total",
             "Forwarding failures by kind (unreachable, timeout, client_aborted, upstream_body, idle_timeout)",
             "kind",
-            &ERROR_KINDS,
         )?;
         let connections = registered(
             &registry,
@@ -309,8 +377,8 @@ impl Metrics {
         }
     }
 
-    /// Counts a forwarding failure of the given kind (one of [`ERROR_KINDS`]).
-    pub fn upstream_error(&self, kind: &str) {
+    /// Counts a forwarding failure of the given kind.
+    pub fn upstream_error(&self, kind: ErrorKind) {
         self.upstream_errors.inc(kind);
     }
 
@@ -361,16 +429,37 @@ mod tests {
         assert!(text.contains("regguard_request_body_bytes_total{route=\"upload\"} 10"));
     }
 
+    labels! {
+        enum TestResult {
+            Ok => "ok",
+            Bad => "bad",
+        }
+    }
+
     #[test]
-    fn counter_set_counts_known_values_and_ignores_others() {
+    fn counter_set_counts_each_value_and_registers_all_at_zero() {
+        // An unknown value used to be ignored here; now it cannot be written at all.
         let reg = Registry::new();
-        let set = CounterSet::new(&reg, "t_total", "t", "result", &["ok", "bad"]).unwrap();
-        set.inc("bad");
-        set.inc("bad");
-        set.inc("unknown");
+        let set: CounterSet<TestResult> = CounterSet::new(&reg, "t_total", "t", "result").unwrap();
+        set.inc(TestResult::Bad);
+        set.inc(TestResult::Bad);
+        assert_eq!((set.get(TestResult::Ok), set.get(TestResult::Bad)), (0, 2));
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&reg.gather(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("t_total{result=\"ok\"} 0"), "{text}");
+        assert!(text.contains("t_total{result=\"bad\"} 2"), "{text}");
+    }
+
+    #[test]
+    fn label_positions_follow_declaration_order() {
+        for (i, k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i);
+        }
+        assert_eq!(ErrorKind::ClientAborted.to_string(), "client_aborted");
         assert_eq!(
-            (set.get("ok"), set.get("bad"), set.get("unknown")),
-            (0, 2, 0)
+            serde_json::to_string(&ErrorKind::UpstreamBody).unwrap(),
+            "\"upstream_body\""
         );
     }
 

@@ -3,6 +3,8 @@
 //!
 //! Parsing is tolerant (unknown fields ignored) and bounded: manifests over
 //! [`MAX_MANIFEST_BYTES`] are never read.
+//!
+//! It knows nothing of registries, HTTP or checks: data and parsing only.
 
 use http::HeaderValue;
 use serde::de::MapAccess;

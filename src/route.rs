@@ -3,6 +3,8 @@
 //! Classification is purely syntactic (no allocation for the kind; the
 //! repository and reference are borrowed from the path) and bounded: the kind
 //! doubles as a metric label.
+//!
+//! It knows nothing of how a route is served, of upstreams or of validation.
 
 /// The kind of distribution endpoint a path addresses. Bounded: used as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -6,6 +6,9 @@
 //! The walk follows pagination (`n` and the `Link` header) for the catalog and
 //! for each tag list, bounds its concurrency, and paces its requests, so a scan
 //! never starves client traffic.
+//!
+//! It knows nothing of the command line: credentials per scope arrive through
+//! [`ScanAuth`], and a progress bar is handed in.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,11 +20,12 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Op
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
 
+use crate::checker::SetupError;
 use crate::config::Upstream;
 use crate::oci::{self, ManifestKind, MAX_MANIFEST_BYTES};
 use crate::upstream::UpstreamBody;
 use crate::upstream::{user_agent, UpstreamClient};
-use crate::validate::{Inspector, Job};
+use crate::validate::{IndexCheck, Inspector, Job, Validated};
 
 pub use crate::config::features::ScanSettings;
 
@@ -53,6 +57,41 @@ impl ScanReport {
             self.problems.push(what);
         }
     }
+}
+
+/// Why one request of a scan (a listing page or a manifest) failed. Said in the report.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The path does not make a valid request.
+    #[error("{0}")]
+    Request(#[source] http::Error),
+    #[error("GET {path}: {error}")]
+    Unreachable {
+        path: String,
+        #[source]
+        error: hyper_util::client::legacy::Error,
+    },
+    #[error("GET {path}: reading body: {error}")]
+    Body {
+        path: String,
+        #[source]
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("GET {path}: not answered within {REQUEST_DEADLINE:?}")]
+    Deadline { path: String },
+    /// A `Link` that points back at a page already read.
+    #[error("GET {path}: pagination returned to a page already read")]
+    PageLoop { path: String },
+    #[error("more than {MAX_PAGES} pages; listing stopped")]
+    TooManyPages,
+    #[error("GET {path}: {status}")]
+    Status { path: String, status: StatusCode },
+    #[error("GET {path}: {error}")]
+    Json {
+        path: String,
+        #[source]
+        error: serde_json::Error,
+    },
 }
 
 /// Credentials per scope (`registry:catalog:*`, `repository:<name>:pull`), for registries
@@ -237,17 +276,17 @@ impl Scanner {
         &self,
         path_and_query: &str,
         accept: Option<&'static str>,
-    ) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), ScanError> {
         self.pace().await;
         let uri = self
             .upstream
             .uri_for(path_and_query)
-            .map_err(|e| e.to_string())?;
+            .map_err(ScanError::Request)?;
         let mut req = Request::get(uri)
             .header(header::HOST, self.upstream.host_header.clone())
             .header(header::USER_AGENT, user_agent())
             .body(UpstreamBody::empty())
-            .map_err(|e| e.to_string())?;
+            .map_err(ScanError::Request)?;
         if let Some(a) = accept {
             req.headers_mut()
                 .insert(header::ACCEPT, HeaderValue::from_static(a));
@@ -258,28 +297,35 @@ impl Scanner {
         // One deadline for the whole exchange, head and body: a registry that answers
         // the head and then stalls the body must not hold a scan slot forever.
         let exchange = async {
+            let path = || path_and_query.to_owned();
             let resp = self
                 .client
                 .request(req)
                 .await
-                .map_err(|e| format!("GET {path_and_query}: {e}"))?;
+                .map_err(|error| ScanError::Unreachable {
+                    path: path(),
+                    error,
+                })?;
             let (parts, body) = resp.into_parts();
             let body = Limited::new(body, MAX_MANIFEST_BYTES)
                 .collect()
                 .await
-                .map_err(|e| format!("GET {path_and_query}: reading body: {e}"))?
+                .map_err(|error| ScanError::Body {
+                    path: path(),
+                    error,
+                })?
                 .to_bytes();
             Ok((parts.status, parts.headers, body))
         };
         tokio::time::timeout(REQUEST_DEADLINE, exchange)
             .await
-            .map_err(|_| {
-                format!("GET {path_and_query}: not answered within {REQUEST_DEADLINE:?}")
+            .map_err(|_| ScanError::Deadline {
+                path: path_and_query.to_owned(),
             })?
     }
 
     /// Follows `n` + `Link` pagination, collecting `field` (a string array) from each page.
-    async fn paged(&self, first: String, field: &str) -> Result<Vec<String>, String> {
+    async fn paged(&self, first: String, field: &str) -> Result<Vec<String>, ScanError> {
         let mut out = Vec::new();
         let mut next = Some(first);
         let mut seen = std::collections::HashSet::new();
@@ -287,19 +333,17 @@ impl Scanner {
             // A registry whose Link points back at a page already read, or that never
             // stops paging, ends the listing here instead of looping forever.
             if !seen.insert(path.clone()) {
-                return Err(format!(
-                    "GET {path}: pagination returned to a page already read"
-                ));
+                return Err(ScanError::PageLoop { path });
             }
             if seen.len() > MAX_PAGES {
-                return Err(format!("more than {MAX_PAGES} pages; listing stopped"));
+                return Err(ScanError::TooManyPages);
             }
             let (status, headers, body) = self.get(&path, None).await?;
             if !status.is_success() {
-                return Err(format!("GET {path}: {status}"));
+                return Err(ScanError::Status { path, status });
             }
             let v: serde_json::Value =
-                serde_json::from_slice(&body).map_err(|e| format!("GET {path}: {e}"))?;
+                serde_json::from_slice(&body).map_err(|error| ScanError::Json { path, error })?;
             if let Some(items) = v.get(field).and_then(|x| x.as_array()) {
                 out.extend(items.iter().filter_map(|i| i.as_str().map(str::to_owned)));
             }
@@ -311,7 +355,9 @@ impl Scanner {
         Ok(out)
     }
 
-    /// One whole scan; updates the probe gauges.
+    /// One whole scan; updates the probe gauges. Phases: read the catalog, list each
+    /// repository's tags and check them (`Scanner::spawn_tags`), gather the results
+    /// (`Scanner::gather`), set the gauges (`Scanner::finish`).
     pub async fn scan(self: &Arc<Self>) -> ScanReport {
         let started = Instant::now();
         let n = self.settings.page_size;
@@ -351,22 +397,45 @@ impl Scanner {
                 bar.inc_length(tags.len() as u64);
                 bar.set_message(format!("{} repositories listed", report.repositories));
             }
-            for tag in tags {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                let me = self.clone();
-                let repo = repo.clone();
-                tasks.spawn(async move {
-                    let r = me.tag(&repo, &tag).await;
-                    drop(permit);
-                    if let Some(bar) = &me.progress {
-                        bar.inc(1);
-                    }
-                    r
-                });
-            }
+            self.spawn_tags(&repo, tags, &permits, &mut tasks).await;
         }
+        self.gather(tasks, &mut report).await;
+        report.duration_seconds = started.elapsed().as_secs_f64();
+        self.finish(&report, started);
+        if let Some(bar) = &self.progress {
+            bar.finish_and_clear();
+        }
+        report
+    }
+
+    /// Starts a check of each tag of `repo`, at most `concurrency` at once (waits for a
+    /// permit before each; the semaphore is never closed, so none is skipped).
+    async fn spawn_tags(
+        self: &Arc<Self>,
+        repo: &str,
+        tags: Vec<String>,
+        permits: &Arc<Semaphore>,
+        tasks: &mut tokio::task::JoinSet<TagResult>,
+    ) {
+        for tag in tags {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let me = self.clone();
+            let repo = repo.to_owned();
+            tasks.spawn(async move {
+                let r = me.tag(&repo, &tag).await;
+                drop(permit);
+                if let Some(bar) = &me.progress {
+                    bar.inc(1);
+                }
+                r
+            });
+        }
+    }
+
+    /// Waits for every tag check and adds each result to the report.
+    async fn gather(&self, mut tasks: tokio::task::JoinSet<TagResult>, report: &mut ScanReport) {
         while let Some(done) = tasks.join_next().await {
             match done {
                 Ok(TagResult::Checked { index, broken }) => {
@@ -387,12 +456,6 @@ impl Scanner {
                 }
             }
         }
-        report.duration_seconds = started.elapsed().as_secs_f64();
-        self.finish(&report, started);
-        if let Some(bar) = &self.progress {
-            bar.finish_and_clear();
-        }
-        report
     }
 
     fn finish(&self, report: &ScanReport, started: Instant) {
@@ -454,8 +517,10 @@ impl Scanner {
         };
         let summary = self.inspector.validate(job).await;
         match summary.result {
-            "error" => TagResult::Failed(format!("{repo}:{tag}: could not be checked")),
-            _ => TagResult::Checked {
+            Validated::Checked(IndexCheck::Error) => {
+                TagResult::Failed(format!("{repo}:{tag}: could not be checked"))
+            }
+            Validated::Checked(_) | Validated::Gone => TagResult::Checked {
                 index: kind == ManifestKind::Index,
                 broken: summary.broken,
             },
@@ -541,18 +606,20 @@ pub async fn scan_once(
     auth_source: Option<Arc<dyn ScanAuth>>,
     page_size: u32,
     concurrency: usize,
-) -> Result<OnceResult, String> {
-    let defaults = crate::config::Settings::from_toml("").map_err(|e| e.to_string())?;
+) -> Result<OnceResult, SetupError> {
+    let defaults = crate::config::Settings::from_toml("")?;
     let metrics = Registry::new();
     let crate::checker::Standalone {
         checker,
         client,
         upstream,
     } = crate::checker::Standalone::new(registry, insecure, &metrics)?;
-    let integrity = Arc::new(
-        crate::integrity::Integrity::new(&metrics, "cli", usize::MAX).map_err(|e| e.to_string())?,
-    );
-    let supervisor = crate::supervise::Supervisor::new(&metrics).map_err(|e| e.to_string())?;
+    let integrity = Arc::new(crate::integrity::Integrity::new(
+        &metrics,
+        "cli",
+        usize::MAX,
+    )?);
+    let supervisor = crate::supervise::Supervisor::new(&metrics)?;
     let validator = crate::validate::Validator::start(
         defaults.validate.clone(),
         checker,
@@ -560,8 +627,7 @@ pub async fn scan_once(
         &metrics,
         &supervisor,
         auth.clone(),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     // A progress bar only on a terminal; nothing on pipes, files or CI logs.
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
@@ -587,8 +653,7 @@ pub async fn scan_once(
         },
         &metrics,
         "cli",
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let scanner = match bar {
         Some(bar) => scanner.with_progress(bar),
         None => scanner,

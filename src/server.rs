@@ -9,6 +9,9 @@
 //! `conn::Slots`); each is wrapped in `conn::ClientIo`, which closes it when no
 //! request has been in flight for `header_read_timeout` or a write to the
 //! client has made no progress for `idle_timeout`.
+//!
+//! It builds the components and wires them together (see `wire`), knowing none of their
+//! internals; the request path is `proxy`'s.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -78,22 +81,72 @@ pub struct Bound {
     pub admin: SocketAddr,
 }
 
-/// Binds both listeners and serves until `shutdown` resolves, then drains.
+/// Binds both listeners and serves until `shutdown` resolves, then drains. Phases:
+/// `upstream_pools`, `listen`, `wire` the components, `accept_until` shutdown,
+/// `drain`.
 pub async fn serve(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
     on_bound: impl FnOnce(Bound) + Send,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new()?);
-    // Both pools, and so the checker, scan and probe that share them, dial an
-    // https:// upstream with the same verification.
+    let pools = upstream_pools(&settings)?;
+    let Listeners { public, admin, tls } = listen(&settings, &metrics, on_bound).await?;
+    let (proxy, admin_service) = wire(&settings, &metrics, &pools)?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(admin_loop(
+        admin,
+        admin_service,
+        stop_rx,
+        AcceptBackoff::new("admin", metrics.admin_accept_errors.clone()),
+    ));
+    let graceful = GracefulShutdown::new();
+    accept_until(
+        shutdown,
+        &public,
+        tls.as_ref(),
+        &settings,
+        &metrics,
+        &proxy,
+        &graceful,
+    )
+    .await;
+    drop(public);
+    let _ = stop_tx.send(true);
+    drain(settings.drain_timeout, graceful).await;
+    let _ = admin_task.await;
+    Ok(())
+}
+
+/// The pools every upstream request goes through. Both, and so the checker, scan and
+/// probe that share them, dial an https:// upstream with the same verification.
+fn upstream_pools(settings: &Settings) -> Result<crate::upstream::Pools, ServeError> {
     let verify = match &settings.upstream_ca {
         Some(path) => {
             crate::upstream::TlsVerify::Roots(Arc::new(crate::tls::upstream_roots(path)?))
         }
         None => crate::upstream::TlsVerify::System,
     };
-    let pools = crate::upstream::Pools::with_tls(settings.connect_timeout, verify);
+    Ok(crate::upstream::Pools::with_tls(
+        settings.connect_timeout,
+        verify,
+    ))
+}
+
+/// The bound listeners, and the TLS acceptor of the public one (if it speaks TLS).
+struct Listeners {
+    public: TcpListener,
+    admin: TcpListener,
+    tls: Option<TlsAcceptor>,
+}
+
+/// Loads the certificate (if any), binds both listeners, and says where it serves.
+async fn listen(
+    settings: &Settings,
+    metrics: &Metrics,
+    on_bound: impl FnOnce(Bound) + Send,
+) -> Result<Listeners, ServeError> {
     let tls = settings
         .tls
         .as_ref()
@@ -113,10 +166,10 @@ pub async fn serve(
     }
 
     let public = bind("listen", settings.listen).await?;
-    let admin_listener = bind("admin_listen", settings.admin_listen).await?;
+    let admin = bind("admin_listen", settings.admin_listen).await?;
     let bound = Bound {
         public: public.local_addr().unwrap_or(settings.listen),
-        admin: admin_listener.local_addr().unwrap_or(settings.admin_listen),
+        admin: admin.local_addr().unwrap_or(settings.admin_listen),
     };
     tracing::info!(
         listen = %bound.public,
@@ -127,7 +180,17 @@ pub async fn serve(
         "regguard serving"
     );
     on_bound(bound);
+    Ok(Listeners { public, admin, tls })
+}
 
+/// Builds the components and connects them: the checker, the integrity state, the
+/// validator and its re-checks, the upstream watch, the scan, the gate, the proxy, and
+/// the admin service. Background tasks start here, under the supervisor.
+fn wire(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+    pools: &crate::upstream::Pools,
+) -> Result<(Arc<Proxy>, Arc<Admin>), ServeError> {
     let checker = Arc::new(crate::checker::Checker::new(
         pools.lean().clone(),
         settings.upstream.clone(),
@@ -189,8 +252,8 @@ pub async fn serve(
     )?);
 
     let heal = crate::heal::run::start(
-        &settings,
-        &pools,
+        settings,
+        pools,
         &checker,
         &integrity,
         &supervisor,
@@ -224,10 +287,22 @@ pub async fn serve(
         validator: admin_validator,
         vault: heal.as_ref().map(|h| h.vault.clone()),
     });
+    Ok((proxy, admin))
+}
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let graceful = GracefulShutdown::new();
-    let builder = connection_builder(&settings);
+/// Accepts client connections until `shutdown` resolves: each within the connection cap
+/// gets its own task (TLS handshake, then HTTP/1.1 or HTTP/2); one over the cap is
+/// refused (with a 503 in plain HTTP, at most [`REFUSALS_AT_ONCE`] at a time).
+async fn accept_until(
+    shutdown: impl Future<Output = ()> + Send,
+    public: &TcpListener,
+    tls: Option<&TlsAcceptor>,
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+    proxy: &Arc<Proxy>,
+    graceful: &GracefulShutdown,
+) {
+    let builder = connection_builder(settings);
     let slots = Slots::new(settings.max_connections, metrics.connections_open.clone());
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
     let deadlines = Arc::new(Deadlines {
@@ -238,18 +313,11 @@ pub async fn serve(
     });
     let mut backoff = AcceptBackoff::new("public", metrics.accept_errors.clone());
 
-    let admin_task = tokio::spawn(admin_loop(
-        admin_listener,
-        admin,
-        stop_rx.clone(),
-        AcceptBackoff::new("admin", metrics.admin_accept_errors.clone()),
-    ));
-
     tokio::pin!(shutdown);
     loop {
         let (stream, remote) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = backoff.accept(&public) => accepted,
+            accepted = backoff.accept(public) => accepted,
         };
         let accepted_at = Instant::now();
         metrics.connections_total.inc();
@@ -283,7 +351,7 @@ pub async fn serve(
             slot,
             accepted_at,
         };
-        match &tls {
+        match tls {
             Some(acceptor) => {
                 tokio::spawn(task.serve_tls(acceptor.clone(), stream, conn));
             }
@@ -292,22 +360,21 @@ pub async fn serve(
             }
         }
     }
+}
 
-    drop(public);
-    let _ = stop_tx.send(true);
+/// Waits up to `timeout` for the connections in flight to finish, then lets them be cut.
+async fn drain(timeout: Duration, graceful: GracefulShutdown) {
     tracing::info!(
-        drain_timeout = ?settings.drain_timeout,
+        drain_timeout = ?timeout,
         "shutting down: no new connections; waiting for in-flight requests"
     );
-    match tokio::time::timeout(settings.drain_timeout, graceful.shutdown()).await {
+    match tokio::time::timeout(timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections drained"),
         Err(_) => tracing::warn!(
-            drain_timeout = ?settings.drain_timeout,
+            drain_timeout = ?timeout,
             "drain timeout reached; cutting the remaining connections"
         ),
     }
-    let _ = admin_task.await;
-    Ok(())
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {

@@ -16,6 +16,8 @@
 //! file itself watches the old inode), and a same-size rewrite within one mtime
 //! tick is invisible to mtime+size. Reading two small files every few seconds
 //! costs nothing, needs no extra crate, and follows every kind of replacement.
+//!
+//! It knows nothing of HTTP or of what the connections carry.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -54,8 +56,13 @@ pub enum TlsError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// Results of a reload, as the `result` label of `regguard_tls_reloads_total`.
-static RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+crate::metrics::labels! {
+    /// Results of a reload, as the `result` label of `regguard_tls_reloads_total`.
+    enum ReloadResult {
+        Ok => "ok",
+        Error => "error",
+    }
+}
 
 fn read(path: &Path, err: impl Fn(String) -> TlsError) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| err(e.to_string()))
@@ -178,7 +185,7 @@ pub struct Reloader {
     files: TlsFiles,
     store: Arc<CertStore>,
     provider: Arc<rustls::crypto::CryptoProvider>,
-    reloads: CounterSet,
+    reloads: CounterSet<ReloadResult>,
     expiry: IntGauge,
     /// The fingerprint of the pair in use.
     loaded: [u8; 32],
@@ -207,7 +214,7 @@ impl Reloader {
                 self.previous = l.fingerprint;
                 self.refused = None;
                 self.expiry.set(l.not_after);
-                self.reloads.inc("ok");
+                self.reloads.inc(ReloadResult::Ok);
                 tracing::info!(
                     trigger = why,
                     cert = %self.files.cert.display(),
@@ -221,7 +228,7 @@ impl Reloader {
                 if let Ok((c, k)) = &contents {
                     self.refused = Some(fingerprint(c, k));
                 }
-                self.reloads.inc("error");
+                self.reloads.inc(ReloadResult::Error);
                 tracing::error!(
                     trigger = why,
                     error = %error,
@@ -307,7 +314,6 @@ pub fn acceptor(
         "regguard_tls_reloads_total",
         "TLS certificate reloads (SIGHUP or a change of the files), by result",
         "result",
-        &RELOAD_RESULTS,
     )?;
     let expiry = IntGauge::new(
         "regguard_tls_certificate_expiry_seconds",

@@ -14,6 +14,8 @@
 //! pool; beyond that, and for everything else (manifests, uploads, tags), the
 //! lean pool. Memory stays bounded with hundreds of concurrent pulls, and the
 //! common case (a few large pulls) gets the cheap path.
+//!
+//! It knows nothing of routes, checks or validation: it carries requests and bodies.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

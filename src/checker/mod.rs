@@ -1,6 +1,6 @@
 //! The checker: one answer to "is this reference present in this repository,
-//! with this size and digest?", shared by serve-time validation (and, later,
-//! the push gate, the scan and the CLI).
+//! with this size and digest?", shared by serve-time validation, the push gate,
+//! the scan and the CLI.
 //!
 //! It asks the upstream with `HEAD`, sending all four manifest types in
 //! `Accept` (registry 2.8 answers 404 for existing OCI content otherwise) and
@@ -9,6 +9,9 @@
 //! (repository, digest, kind): presence is per repository. The cache stores
 //! facts, not verdicts, so the same entry answers descriptors of any size.
 //! Concurrent questions for one key share one upstream request.
+//!
+//! It knows nothing of who asks, of the integrity state, or of requests on the forwarding
+//! path: callers pass the descriptor and the credentials, and act on the outcome.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +23,7 @@ use moka::future::Cache;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 use crate::config::Upstream;
+use crate::metrics::Label as _;
 use crate::oci::{self, Descriptor, Manifest, ManifestKind, MAX_MANIFEST_BYTES};
 use crate::upstream::UpstreamBody;
 use crate::upstream::{user_agent, UpstreamClient};
@@ -28,7 +32,7 @@ use crate::watch::UpstreamWatch;
 mod outcome;
 mod walk;
 pub use crate::oci::RefKind;
-pub use outcome::{judge, FetchError, Outcome, Presence};
+pub use outcome::{judge, FetchError, Mismatched, Outcome, OutcomeKind, Presence, RequestError};
 pub use walk::{OverBudget, Visit, Walk, DEFAULT_MAX_REFERENCES};
 
 /// Cache lifetimes and limits.
@@ -61,6 +65,16 @@ impl CheckerSettings {
     }
 }
 
+/// Why a standalone checker could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The registry address (or the built-in defaults) did not read as configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Metrics(#[from] prometheus::Error),
+}
+
 /// A checker of its own, for the CLI (outside `serve`): the registry at `base`
 /// (`http://` or `https://`), default lifetimes, and the client it uses.
 pub struct Standalone {
@@ -71,9 +85,9 @@ pub struct Standalone {
 
 impl Standalone {
     /// `insecure` skips certificate verification (plain HTTP is the caller's decision).
-    pub fn new(base: &str, insecure: bool, registry: &Registry) -> Result<Self, String> {
-        let upstream = Upstream::parse_registry(base).map_err(|e| e.to_string())?;
-        let defaults = crate::config::Settings::from_toml("").map_err(|e| e.to_string())?;
+    pub fn new(base: &str, insecure: bool, registry: &Registry) -> Result<Self, SetupError> {
+        let upstream = Upstream::parse_registry(base)?;
+        let defaults = crate::config::Settings::from_toml("")?;
         let verify = if insecure {
             crate::upstream::TlsVerify::None
         } else {
@@ -86,8 +100,7 @@ impl Standalone {
             upstream.clone(),
             CheckerSettings::from_validate(&defaults.validate),
             registry,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         Ok(Standalone {
             checker: Arc::new(checker),
             client,
@@ -142,8 +155,6 @@ struct CheckerMetrics {
     misses: IntCounter,
 }
 
-const RESULTS: [&str; 5] = ["ok", "missing", "mismatch", "unauthorized", "error"];
-
 /// The shared checker.
 pub struct Checker {
     client: UpstreamClient,
@@ -179,8 +190,8 @@ impl Checker {
         registry.register(Box::new(checks.clone()))?;
         let mut handles = Vec::new();
         for kind in [RefKind::Manifest, RefKind::Blob] {
-            for r in RESULTS {
-                handles.push(checks.get_metric_with_label_values(&[kind.as_str(), r])?);
+            for r in OutcomeKind::ALL {
+                handles.push(checks.get_metric_with_label_values(&[kind.as_str(), r.as_str()])?);
             }
         }
         let duration = Histogram::with_opts(
@@ -412,11 +423,8 @@ impl Checker {
             RefKind::Manifest => 0,
             RefKind::Blob => 1,
         };
-        let r = RESULTS
-            .iter()
-            .position(|r| *r == outcome.label())
-            .unwrap_or(4);
-        if let Some(c) = self.metrics.checks.get(k * RESULTS.len() + r) {
+        let r = outcome.kind().index();
+        if let Some(c) = self.metrics.checks.get(k * OutcomeKind::ALL.len() + r) {
             c.inc();
         }
     }
@@ -428,11 +436,11 @@ impl Checker {
         kind: RefKind,
         digest: &str,
         auth: Option<&HeaderValue>,
-    ) -> Result<Request<UpstreamBody>, String> {
+    ) -> Result<Request<UpstreamBody>, RequestError> {
         let uri = self
             .upstream
             .uri_for(&format!("/v2/{repo}/{}/{digest}", kind.path()))
-            .map_err(|e| format!("bad reference: {e}"))?;
+            .map_err(RequestError::BadReference)?;
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
@@ -440,7 +448,7 @@ impl Checker {
             .header(header::USER_AGENT, user_agent())
             .header(header::ACCEPT, oci::accept_all())
             .body(UpstreamBody::empty())
-            .map_err(|e| e.to_string())?;
+            .map_err(RequestError::Build)?;
         if let Some(a) = auth {
             req.headers_mut().insert(header::AUTHORIZATION, a.clone());
         }
@@ -457,7 +465,7 @@ impl Checker {
     ) -> Presence {
         let req = match self.request(Method::HEAD, repo, kind, digest, auth) {
             Ok(r) => r,
-            Err(e) => return Presence::Error(e),
+            Err(e) => return Presence::Error(e.to_string()),
         };
         let started = Instant::now();
         let sent =
@@ -539,16 +547,11 @@ impl Checker {
     ) -> Result<Arc<Manifest>, FetchError> {
         let req = self
             .request(Method::GET, repo, RefKind::Manifest, digest, auth)
-            .map_err(FetchError::Upstream)?;
+            .map_err(|e| FetchError::Request(Arc::new(e)))?;
         let resp = tokio::time::timeout(self.settings.check_timeout, self.client.request(req))
             .await
-            .map_err(|_| {
-                FetchError::Upstream(format!(
-                    "no answer within {:?}",
-                    self.settings.check_timeout
-                ))
-            })?
-            .map_err(|e| FetchError::Upstream(format!("upstream unreachable: {e}")))?;
+            .map_err(|_| FetchError::Timeout(self.settings.check_timeout))?
+            .map_err(|e| FetchError::Unreachable(Arc::new(e)))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(FetchError::Unauthorized(status.as_u16()));
@@ -568,12 +571,12 @@ impl Checker {
             Limited::new(resp.into_body(), MAX_MANIFEST_BYTES).collect(),
         )
         .await
-        .map_err(|_| FetchError::Upstream("manifest body too slow".into()))?
+        .map_err(|_| FetchError::BodyTimeout)?
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 FetchError::Parse(oci::ParseError::TooLarge)
             } else {
-                FetchError::Upstream(format!("reading manifest: {e}"))
+                FetchError::Body(Arc::from(e))
             }
         })?
         .to_bytes();

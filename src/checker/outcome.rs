@@ -1,5 +1,11 @@
 //! The checker's vocabulary: what kind of reference, what the registry said about it,
 //! and the verdict on a descriptor (`judge`). Pure values and functions; no I/O.
+//!
+//! It names the `result` label values ([`OutcomeKind`]) but registers no metric and knows
+//! nothing of caches or callers.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::oci::{self, Descriptor, RefKind};
 
@@ -21,13 +27,33 @@ pub enum Presence {
     Error(String),
 }
 
+/// Which property of a present reference differs from what its descriptor says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mismatched {
+    /// The manifest is served as another media type (checked only when asked: the gate).
+    MediaType,
+    Digest,
+    Size,
+}
+
+impl Mismatched {
+    /// In words, for `describe`: "size mismatch: …".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mismatched::MediaType => "media type",
+            Mismatched::Digest => "digest",
+            Mismatched::Size => "size",
+        }
+    }
+}
+
 /// The verdict on one descriptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
     Missing,
     Mismatch {
-        what: &'static str,
+        what: Mismatched,
         expected: String,
         found: String,
     },
@@ -35,15 +61,34 @@ pub enum Outcome {
     Error(String),
 }
 
+crate::metrics::labels! {
+    /// An [`Outcome`] without its details: the `result` label of
+    /// `regguard_reference_checks_total`, and the `result` of `regguard check --json`.
+    pub enum OutcomeKind {
+        Ok => "ok",
+        Missing => "missing",
+        Mismatch => "mismatch",
+        Unauthorized => "unauthorized",
+        Error => "error",
+    }
+}
+
+impl OutcomeKind {
+    /// Missing or mismatched: a client pulling it would fail.
+    pub fn is_broken(self) -> bool {
+        matches!(self, OutcomeKind::Missing | OutcomeKind::Mismatch)
+    }
+}
+
 impl Outcome {
-    /// The `result` label.
-    pub fn label(&self) -> &'static str {
+    /// What kind of outcome this is (its `result` label).
+    pub fn kind(&self) -> OutcomeKind {
         match self {
-            Outcome::Ok => "ok",
-            Outcome::Missing => "missing",
-            Outcome::Mismatch { .. } => "mismatch",
-            Outcome::Unauthorized(_) => "unauthorized",
-            Outcome::Error(_) => "error",
+            Outcome::Ok => OutcomeKind::Ok,
+            Outcome::Missing => OutcomeKind::Missing,
+            Outcome::Mismatch { .. } => OutcomeKind::Mismatch,
+            Outcome::Unauthorized(_) => OutcomeKind::Unauthorized,
+            Outcome::Error(_) => OutcomeKind::Error,
         }
     }
 
@@ -69,6 +114,7 @@ impl Outcome {
                 expected,
                 found,
             } => {
+                let what = what.as_str();
                 format!("{what} mismatch: descriptor says {expected}, registry says {found}")
             }
             Outcome::Unauthorized(s) => format!("{s} (not authorized)"),
@@ -89,7 +135,7 @@ pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outc
             if let (true, Some(found)) = (strict_media && !desc.media_type.is_empty(), media_type) {
                 if !oci::same_media_type(found, &desc.media_type) {
                     return Outcome::Mismatch {
-                        what: "media type",
+                        what: Mismatched::MediaType,
                         expected: desc.media_type.clone(),
                         found: found.clone(),
                     };
@@ -98,7 +144,7 @@ pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outc
             if let Some(d) = digest {
                 if *d != desc.digest {
                     return Outcome::Mismatch {
-                        what: "digest",
+                        what: Mismatched::Digest,
                         expected: desc.digest.clone(),
                         found: d.clone(),
                     };
@@ -106,7 +152,7 @@ pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outc
             }
             match size {
                 Some(s) if *s != desc.size => Outcome::Mismatch {
-                    what: "size",
+                    what: Mismatched::Size,
                     expected: desc.size.to_string(),
                     found: s.to_string(),
                 },
@@ -119,15 +165,39 @@ pub fn judge(presence: &Presence, desc: &Descriptor, strict_media: bool) -> Outc
     }
 }
 
-/// Why a manifest could not be fetched and read.
+/// Why a request to the upstream could not even be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The repository or digest does not make a valid URI path.
+    #[error("bad reference: {0}")]
+    BadReference(#[source] http::Error),
+    #[error("{0}")]
+    Build(#[source] http::Error),
+}
+
+/// Why a manifest could not be fetched and read. Cloned out of the shared fetch (the
+/// content cache hands one failure to every waiter), so non-`Clone` sources sit in `Arc`s.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     #[error("upstream answered {0}")]
     Status(u16),
     #[error("not authorized ({0})")]
     Unauthorized(u16),
-    #[error("{0}")]
-    Upstream(String),
+    #[error(transparent)]
+    Request(Arc<RequestError>),
+    /// No response head within the check timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("upstream unreachable: {0}")]
+    Unreachable(#[source] Arc<hyper_util::client::legacy::Error>),
+    /// The body did not arrive within the check timeout.
+    #[error("manifest body too slow")]
+    BodyTimeout,
+    #[error("reading manifest: {0}")]
+    Body(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    /// Served bytes without `Docker-Content-Digest`, and a tag to fetch by (not a digest).
+    #[error("response had no Docker-Content-Digest")]
+    NoDigest,
     #[error("body digest {found} does not match {expected}")]
     DigestMismatch { expected: String, found: String },
     #[error(transparent)]
@@ -159,16 +229,22 @@ mod tests {
         assert_eq!(judge(&found(5, &d.digest), &d, false), Outcome::Ok);
         assert!(matches!(
             judge(&found(6, &d.digest), &d, false),
-            Outcome::Mismatch { what: "size", .. }
+            Outcome::Mismatch {
+                what: Mismatched::Size,
+                ..
+            }
         ));
         assert!(matches!(
             judge(&found(5, "sha256:00"), &d, false),
-            Outcome::Mismatch { what: "digest", .. }
+            Outcome::Mismatch {
+                what: Mismatched::Digest,
+                ..
+            }
         ));
         assert!(matches!(
             judge(&found(5, &d.digest), &d, true),
             Outcome::Mismatch {
-                what: "media type",
+                what: Mismatched::MediaType,
                 ..
             }
         ));

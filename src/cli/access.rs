@@ -3,6 +3,8 @@
 //! failure explained as what was sent, what the registry said and what to do about it.
 //!
 //! Only the CLI uses this module: `serve` forwards its clients' own credentials.
+//!
+//! It knows nothing of checks or scans: it sends requests and explains their answers.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -12,7 +14,9 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
-use super::credentials::Login;
+use super::credentials::{CredentialError, Login};
+use crate::checker::SetupError;
+use crate::inspect::{registry_words, ImageError};
 use crate::oci::MAX_MANIFEST_BYTES;
 use crate::upstream::UpstreamBody;
 use crate::upstream::{user_agent, TlsVerify, UpstreamClient};
@@ -29,26 +33,32 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(10);
 /// Token lifetime when the token server does not say (the distribution token spec's default).
 const DEFAULT_TOKEN_SECONDS: u64 = 60;
 
-/// Why the CLI could not do what was asked. Every kind exits 2; `NotFound` reads "not found".
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why the CLI could not do what was asked. Every kind exits 2; `NotFound` reads "not found"
+/// (and is `not_found` in `check --json`). The library's errors arrive typed and are put in
+/// people's words here; the explanations the CLI writes itself are text.
+#[derive(Debug, thiserror::Error)]
 pub enum Problem {
     /// The registry, repository or reference does not exist (a typo, a wrong port).
+    #[error("not found: {0}")]
     NotFound(String),
     /// Could not connect, resolve, or speak TLS.
+    #[error("{0}")]
     Unreachable(String),
-    /// Credentials missing, refused or unusable.
+    /// Credentials refused, or missing where the registry requires them.
+    #[error("{0}")]
     Auth(String),
+    /// Credentials that could not be read or used (`--user`, the docker config, a helper).
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    /// The checker for the registry could not be set up.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The image's manifest could not be read.
+    #[error("{}", registry_words(&.0.to_string()))]
+    Image(#[from] ImageError),
     /// Anything else the registry answered.
+    #[error("{0}")]
     Other(String),
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Problem::NotFound(m) => write!(f, "not found: {m}"),
-            Problem::Unreachable(m) | Problem::Auth(m) | Problem::Other(m) => f.write_str(m),
-        }
-    }
 }
 
 /// How a registry asks for credentials, from its answer to `GET /v2/`.
@@ -386,7 +396,7 @@ impl RegistryAccess {
         let reply = match &self.login {
             Some(l) if l.identity_token => self.refresh_token_grant(realm, service, scope, l).await,
             Some(l) => {
-                let basic = l.basic().map_err(Problem::Auth)?;
+                let basic = l.basic()?;
                 self.send(&url, None, Some(&basic)).await
             }
             None => self.send(&url, None, None).await,
@@ -565,6 +575,9 @@ pub fn explain_transport(err: &(dyn StdError + 'static), url: &str) -> String {
         if !text.is_empty() && !chain.contains(&text) {
             chain.push(text.clone());
         }
+        // hyper-util's connector reports a failed lookup as a private `ConnectError` whose
+        // only mark is its message, over an `io::Error` of no distinct kind: the words are
+        // all there is to go on.
         if text.contains("dns error") || text.contains("failed to lookup address") {
             dns = true;
         }
@@ -578,6 +591,7 @@ pub fn explain_transport(err: &(dyn StdError + 'static), url: &str) -> String {
         if let Some(r) = e.downcast_ref::<rustls::Error>() {
             tls = Some(r);
         }
+        // A connect timeout may arrive as a message rather than `ErrorKind::TimedOut`.
         if text.contains("timed out") {
             timed_out = true;
         }

@@ -1,5 +1,8 @@
 //! `regguard check`: reach each image's registry, log in, resolve the reference (a missing one
 //! is "not found", never "broken"), then walk its tree with [`crate::inspect::check_image`].
+//!
+//! The walk and its verdicts are `inspect`'s; this module knows how to reach a registry
+//! and how to report, not how to judge.
 
 use std::collections::HashMap;
 
@@ -9,6 +12,7 @@ use serde::Serialize;
 use super::access::{Problem, RegistryAccess};
 use super::credentials::Credentials;
 use super::reference::ImageRef;
+use crate::checker::OutcomeKind;
 use crate::inspect::{attestation_labels, check_image, repair_hint, Node};
 
 /// The image a reference names, found: its digest and the names of its children.
@@ -115,13 +119,25 @@ async fn not_found(
     ))
 }
 
+/// How one image fared, as `status` in `regguard check --json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Healthy,
+    Broken,
+    /// Nothing broken found, but something could not be checked.
+    Incomplete,
+    NotFound,
+    /// The image could not be checked at all.
+    Error,
+}
+
 /// The result of checking one image.
 #[derive(Debug, Serialize)]
 pub struct CheckResult {
     /// `host/repo:tag` or `host/repo@sha256:…`.
     pub image: String,
-    /// healthy | broken | incomplete (something could not be checked) | not_found | error
-    pub status: &'static str,
+    pub status: Status,
     pub healthy: bool,
     pub broken: usize,
     pub unchecked: usize,
@@ -206,8 +222,8 @@ impl CheckResult {
         CheckResult {
             image,
             status: match p {
-                Problem::NotFound(_) => "not_found",
-                _ => "error",
+                Problem::NotFound(_) => Status::NotFound,
+                _ => Status::Error,
             },
             healthy: false,
             broken: 0,
@@ -221,13 +237,13 @@ impl CheckResult {
 
 /// Repair lines for the broken nodes of `node`'s subtree.
 fn repairs(node: &Node, image: &str, repo: &str, out: &mut Vec<String>) {
-    if matches!(node.result, "missing" | "mismatch") {
+    if node.result.is_broken() {
         let line = repair_hint(
             image,
             repo,
             &node.digest,
-            matches!(node.role, "image" | "index" | "manifest"),
-            node.result == "mismatch",
+            node.role.is_manifest(),
+            node.result == OutcomeKind::Mismatch,
         );
         if !out.contains(&line) {
             out.push(line);
@@ -245,7 +261,7 @@ async fn check_one(
     credentials: &Credentials,
 ) -> Result<Node, Problem> {
     let base = base_url(r.scheme, &r.host, insecure).await?;
-    let login = credentials.for_host(&r.host).map_err(Problem::Auth)?;
+    let login = credentials.for_host(&r.host)?;
     let access = RegistryAccess::new(&base, insecure, login);
     access.ping().await?;
     let resolved = resolve(&access, r).await?;
@@ -253,8 +269,7 @@ async fn check_one(
         .authorization(&format!("repository:{}:pull", r.repository))
         .await?;
     let crate::checker::Standalone { checker, .. } =
-        crate::checker::Standalone::new(&base, insecure, &prometheus::Registry::new())
-            .map_err(Problem::Other)?;
+        crate::checker::Standalone::new(&base, insecure, &prometheus::Registry::new())?;
     check_image(
         &checker,
         &r.repository,
@@ -264,7 +279,7 @@ async fn check_one(
         &resolved.labels,
     )
     .await
-    .map_err(Problem::Other)
+    .map_err(Problem::from)
 }
 
 /// Checks each image with the credentials for its host.
@@ -284,9 +299,9 @@ pub async fn check_all(
                 CheckResult {
                     image,
                     status: match (broken, unchecked) {
-                        (0, 0) => "healthy",
-                        (0, _) => "incomplete",
-                        _ => "broken",
+                        (0, 0) => Status::Healthy,
+                        (0, _) => Status::Incomplete,
+                        _ => Status::Broken,
                     },
                     healthy: broken == 0 && unchecked == 0,
                     broken,

@@ -7,10 +7,70 @@
 //! crate matches `auths` keys exactly (docker itself treats `https://host/` and `host` alike),
 //! and it would bring a second major version of `base64` into the tree. What it does is small:
 //! one JSON lookup and one `docker-credential-<name> get` call.
+//!
+//! It knows nothing of registries' answers: [`super::access`] sends what it finds.
 
 use std::path::PathBuf;
+use std::process::ExitStatus;
 
 use http::HeaderValue;
+
+/// Why credentials could not be read or used. Each names where they came from.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// `USER:PASSWORD` with nothing before the colon.
+    #[error("{origin}: the user name before `:` is empty")]
+    EmptyUser { origin: String },
+    #[error("{origin}: expected USER:PASSWORD, got `{given}` with no `:` (regguard never prompts for a password)")]
+    NoColon { origin: String, given: String },
+    #[error("REGGUARD_USER is set but REGGUARD_PASSWORD is not")]
+    PasswordUnset,
+    #[error("docker config {}: not JSON: {error}", path.display())]
+    DockerConfig {
+        path: PathBuf,
+        #[source]
+        error: serde_json::Error,
+    },
+    /// A docker config `auths` entry whose `auth` does not decode.
+    #[error("{origin}: `auth` is not base64 of USER:PASSWORD (run `docker login {host}` again)")]
+    AuthNotBase64 { origin: String, host: String },
+    /// The credential helper the docker config names is not on PATH (or cannot start).
+    #[error("the docker config names {helper}, which cannot be run ({error}); install it on PATH or remove it from the docker config")]
+    HelperMissing {
+        helper: String,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("{helper}: cannot write to it: {error}")]
+    HelperWrite {
+        helper: String,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("{helper}: {error}")]
+    HelperWait {
+        helper: String,
+        #[source]
+        error: std::io::Error,
+    },
+    /// The helper ran and failed (other than "credentials not found").
+    #[error("{helper} failed for {host} ({status}): {output}")]
+    HelperFailed {
+        helper: String,
+        host: String,
+        status: ExitStatus,
+        output: String,
+    },
+    #[error("{helper}: its answer is not the helpers' JSON: {error}")]
+    HelperAnswer {
+        helper: String,
+        #[source]
+        error: serde_json::Error,
+    },
+    /// The credentials do not fit in an `Authorization` header.
+    #[error("{0}")]
+    Header(String),
+}
 
 /// A user name and a secret, and where they came from (said in every message about them).
 #[derive(Clone)]
@@ -35,19 +95,23 @@ impl Login {
         format!("user `{}` (from {})", self.user, self.source)
     }
 
-    pub(crate) fn basic(&self) -> Result<HeaderValue, String> {
+    pub(crate) fn basic(&self) -> Result<HeaderValue, CredentialError> {
         crate::config::basic_auth(&format!("{}:{}", self.user, self.secret))
+            .map_err(CredentialError::Header)
     }
 }
 
 /// Splits `USER:PASSWORD`; refuses anything else at once.
-pub fn parse_user(s: &str, what: &str) -> Result<(String, String), String> {
+pub fn parse_user(s: &str, what: &str) -> Result<(String, String), CredentialError> {
     match s.split_once(':') {
         Some((u, p)) if !u.is_empty() => Ok((u.to_owned(), p.to_owned())),
-        Some(_) => Err(format!("{what}: the user name before `:` is empty")),
-        None => Err(format!(
-            "{what}: expected USER:PASSWORD, got `{s}` with no `:` (regguard never prompts for a password)"
-        )),
+        Some(_) => Err(CredentialError::EmptyUser {
+            origin: what.to_owned(),
+        }),
+        None => Err(CredentialError::NoColon {
+            origin: what.to_owned(),
+            given: s.to_owned(),
+        }),
     }
 }
 
@@ -60,7 +124,7 @@ pub struct Credentials {
 
 impl Credentials {
     /// Reads `--user` / the environment, and the docker config file if there is one.
-    pub fn from_cli(user: Option<&str>) -> Result<Self, String> {
+    pub fn from_cli(user: Option<&str>) -> Result<Self, CredentialError> {
         let explicit = match user {
             Some(u) => {
                 let (user, secret) = parse_user(u, "--user")?;
@@ -81,9 +145,7 @@ impl Credentials {
                     source: "REGGUARD_USER and REGGUARD_PASSWORD".into(),
                     identity_token: false,
                 }),
-                (Some(_), None) => {
-                    return Err("REGGUARD_USER is set but REGGUARD_PASSWORD is not".into())
-                }
+                (Some(_), None) => return Err(CredentialError::PasswordUnset),
                 _ => None,
             },
         };
@@ -95,11 +157,15 @@ impl Credentials {
             .ok();
         let docker_config = match path {
             Some(p) => match std::fs::read_to_string(&p) {
-                Ok(text) => Some((
-                    p.clone(),
-                    serde_json::from_str(&text)
-                        .map_err(|e| format!("docker config {}: not JSON: {e}", p.display()))?,
-                )),
+                Ok(text) => {
+                    let parsed = serde_json::from_str(&text).map_err(|error| {
+                        CredentialError::DockerConfig {
+                            path: p.clone(),
+                            error,
+                        }
+                    })?;
+                    Some((p, parsed))
+                }
                 Err(_) => None,
             },
             None => None,
@@ -112,7 +178,7 @@ impl Credentials {
 
     /// The login to use for `host` (`name[:port]`), if any. A credential helper that fails
     /// (other than "not found") is an error: its credentials are unusable.
-    pub fn for_host(&self, host: &str) -> Result<Option<Login>, String> {
+    pub fn for_host(&self, host: &str) -> Result<Option<Login>, CredentialError> {
         if let Some(l) = &self.explicit {
             return Ok(Some(l.clone()));
         }
@@ -161,8 +227,9 @@ impl Credentials {
                 .decode(auth.trim())
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| {
-                    format!("{source}: `auth` is not base64 of USER:PASSWORD (run `docker login {host}` again)")
+                .ok_or_else(|| CredentialError::AuthNotBase64 {
+                    origin: source.clone(),
+                    host: host.to_owned(),
                 })?;
             let (user, secret) = parse_user(&decoded, &source)?;
             return Ok(Some(Login {
@@ -195,7 +262,7 @@ fn same_host(key: &str, host: &str) -> bool {
 }
 
 /// `docker-credential-<name> get` with the host on stdin, as docker runs it.
-fn run_helper(name: &str, host: &str) -> Result<Option<Login>, String> {
+fn run_helper(name: &str, host: &str) -> Result<Option<Login>, CredentialError> {
     use std::io::Write as _;
     let program = format!("docker-credential-{name}");
     let source = format!("credential helper {program}");
@@ -205,17 +272,24 @@ fn run_helper(name: &str, host: &str) -> Result<Option<Login>, String> {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| {
-            format!("the docker config names {source}, which cannot be run ({e}); install it on PATH or remove it from the docker config")
+        .map_err(|error| CredentialError::HelperMissing {
+            helper: source.clone(),
+            error,
         })?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(host.as_bytes())
-            .map_err(|e| format!("{source}: cannot write to it: {e}"))?;
+            .map_err(|error| CredentialError::HelperWrite {
+                helper: source.clone(),
+                error,
+            })?;
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| format!("{source}: {e}"))?;
+        .map_err(|error| CredentialError::HelperWait {
+            helper: source.clone(),
+            error,
+        })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         // The helpers' protocol: this exact message means "nothing stored for that host".
@@ -223,14 +297,20 @@ fn run_helper(name: &str, host: &str) -> Result<Option<Login>, String> {
             return Ok(None);
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "{source} failed for {host} ({}): {}",
-            out.status,
-            format!("{} {}", stdout.trim(), stderr.trim()).trim()
-        ));
+        return Err(CredentialError::HelperFailed {
+            helper: source,
+            host: host.to_owned(),
+            status: out.status,
+            output: format!("{} {}", stdout.trim(), stderr.trim())
+                .trim()
+                .to_owned(),
+        });
     }
-    let v: serde_json::Value = serde_json::from_str(&stdout)
-        .map_err(|e| format!("{source}: its answer is not the helpers' JSON: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout).map_err(|error| CredentialError::HelperAnswer {
+            helper: source.clone(),
+            error,
+        })?;
     let user = v.get("Username").and_then(|u| u.as_str()).unwrap_or("");
     let secret = v.get("Secret").and_then(|s| s.as_str()).unwrap_or("");
     if secret.is_empty() {
@@ -256,6 +336,7 @@ mod tests {
         );
         assert!(parse_user("alice", "--user")
             .unwrap_err()
+            .to_string()
             .contains("no `:`"));
         assert!(parse_user(":pw", "--user").is_err());
     }

@@ -110,10 +110,9 @@ pub async fn heal_registry(
     let scanned = scan_registry(registry, insecure, credentials, 100, 4).await?;
     let (scheme, host) = split_registry(registry)?;
     let base = base_url(scheme, host, insecure).await?;
-    let login = credentials.for_host(host).map_err(Problem::Auth)?;
+    let login = credentials.for_host(host)?;
     let access = RegistryAccess::new(&base, insecure, login);
-    let standalone =
-        crate::checker::Standalone::new(&base, insecure, &metrics).map_err(Problem::Other)?;
+    let standalone = crate::checker::Standalone::new(&base, insecure, &metrics)?;
 
     // One repair per (repository, lost digest), whatever index it was found under.
     let mut lost: BTreeMap<(String, String), RefKind> = BTreeMap::new();

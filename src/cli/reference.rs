@@ -1,7 +1,61 @@
 //! Image references as people paste them: `[http[s]://|docker://]host[:port]/repo[:tag|@digest]`,
 //! with the syntax of digests, tags and repository names checked before anything is sent.
+//!
+//! No I/O; it knows nothing of registries or credentials.
 
 use crate::inspect::at;
+
+/// What a pasted reference should look like, said with every refusal.
+const USAGE: &str = "expected [http[s]://]HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]";
+
+/// Why a pasted image reference was refused before anything was sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefError {
+    #[error("`{input}`: names no repository; {USAGE}")]
+    NoRepository { input: String },
+    #[error("`{input}`: no registry host; {USAGE}")]
+    NoHost { input: String },
+    #[error("`{input}`: the first component `{host}` is not a registry host (add the host, e.g. registry.example:5050/{input})")]
+    NotAHost { input: String, host: String },
+    /// `repo:sha256:<hex>`: a digest written after `:`.
+    #[error("`{input}`: a digest follows `@`, not `:` ({host}/{name}@sha256:{hex})")]
+    DigestAfterColon {
+        input: String,
+        host: String,
+        name: String,
+        hex: String,
+    },
+    /// The digest, tag or repository name is not one a registry accepts.
+    #[error("`{input}`: {syntax}")]
+    Syntax { input: String, syntax: SyntaxError },
+}
+
+/// A digest, tag or repository name a registry would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyntaxError {
+    #[error("`{0}` is not a digest (expected sha256:<64 hex digits>)")]
+    NotADigest(String),
+    #[error("digest algorithm `{0}` is not one a registry knows (sha256, sha384, sha512)")]
+    UnknownAlgorithm(String),
+    #[error("`{0}`: a digest's hex part is lowercase 0-9a-f only")]
+    DigestNotLowerHex(String),
+    #[error("`{digest}`: a {algorithm} digest has {want} hex digits, this one has {got}")]
+    DigestLength {
+        digest: String,
+        algorithm: String,
+        want: usize,
+        got: usize,
+    },
+    #[error("`{0}` is not a valid tag (letters, digits, `_`, `.`, `-`; at most 128; not starting with `.` or `-`)")]
+    Tag(String),
+    #[error("empty repository name")]
+    EmptyRepository,
+    /// Holds the name lower-cased, as it should be written.
+    #[error("repository names are lowercase: `{0}`")]
+    UppercaseRepository(String),
+    #[error("`{0}` is not a valid repository name (lowercase letters, digits and `._-` between them, components separated by `/`)")]
+    Repository(String),
+}
 
 /// An image reference as people paste it: `[http[s]://]host[:port]/repo[:tag|@digest]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,7 +69,11 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, RefError> {
+        let syntax = |syntax: SyntaxError| RefError::Syntax {
+            input: s.to_owned(),
+            syntax,
+        };
         let trimmed = s.trim();
         let lower = trimmed.to_ascii_lowercase();
         let (scheme, rest) = if lower.starts_with("https://") {
@@ -28,19 +86,23 @@ impl ImageRef {
             (None, trimmed)
         };
         let rest = rest.trim_end_matches('/');
-        let usage = "expected [http[s]://]HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]";
-        let (host, path) = rest
-            .split_once('/')
-            .ok_or_else(|| format!("`{s}`: names no repository; {usage}"))?;
+        let (host, path) = rest.split_once('/').ok_or_else(|| RefError::NoRepository {
+            input: s.to_owned(),
+        })?;
         if host.is_empty() {
-            return Err(format!("`{s}`: no registry host; {usage}"));
+            return Err(RefError::NoHost {
+                input: s.to_owned(),
+            });
         }
         if scheme.is_none() && !(host.contains('.') || host.contains(':') || host == "localhost") {
-            return Err(format!("`{s}`: the first component `{host}` is not a registry host (add the host, e.g. registry.example:5050/{s})"));
+            return Err(RefError::NotAHost {
+                input: s.to_owned(),
+                host: host.to_owned(),
+            });
         }
         let (name, reference) = match path.split_once('@') {
             Some((name, digest)) => {
-                check_digest(digest).map_err(|e| format!("`{s}`: {e}"))?;
+                check_digest(digest).map_err(syntax)?;
                 // `repo:tag@digest`: the digest decides, as docker does.
                 let name = match name.rsplit_once(':') {
                     Some((n, _)) => n,
@@ -56,17 +118,20 @@ impl ImageRef {
                         .map(|n| (n, tag))
                         .or_else(|| (tag == "sha256").then_some((name, "")))
                     {
-                        return Err(format!(
-                            "`{s}`: a digest follows `@`, not `:` ({host}/{name}@sha256:{hex})"
-                        ));
+                        return Err(RefError::DigestAfterColon {
+                            input: s.to_owned(),
+                            host: host.to_owned(),
+                            name: name.to_owned(),
+                            hex: hex.to_owned(),
+                        });
                     }
-                    check_tag(tag).map_err(|e| format!("`{s}`: {e}"))?;
+                    check_tag(tag).map_err(syntax)?;
                     (name, tag.to_string())
                 }
                 _ => (path, "latest".to_string()),
             },
         };
-        check_repository(name).map_err(|e| format!("`{s}`: {e}"))?;
+        check_repository(name).map_err(syntax)?;
         Ok(ImageRef {
             scheme,
             host: host.to_string(),
@@ -91,35 +156,31 @@ impl ImageRef {
 }
 
 /// A digest's syntax, as the registry would judge it, checked before anything is sent.
-fn check_digest(d: &str) -> Result<(), String> {
+fn check_digest(d: &str) -> Result<(), SyntaxError> {
     let (algorithm, hex) = d
         .split_once(':')
-        .ok_or_else(|| format!("`{d}` is not a digest (expected sha256:<64 hex digits>)"))?;
+        .ok_or_else(|| SyntaxError::NotADigest(d.to_owned()))?;
     let want = match algorithm {
         "sha256" => 64,
         "sha384" => 96,
         "sha512" => 128,
-        other => {
-            return Err(format!(
-                "digest algorithm `{other}` is not one a registry knows (sha256, sha384, sha512)"
-            ))
-        }
+        other => return Err(SyntaxError::UnknownAlgorithm(other.to_owned())),
     };
     if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(format!(
-            "`{d}`: a digest's hex part is lowercase 0-9a-f only"
-        ));
+        return Err(SyntaxError::DigestNotLowerHex(d.to_owned()));
     }
     if hex.len() != want {
-        return Err(format!(
-            "`{d}`: a {algorithm} digest has {want} hex digits, this one has {}",
-            hex.len()
-        ));
+        return Err(SyntaxError::DigestLength {
+            digest: d.to_owned(),
+            algorithm: algorithm.to_owned(),
+            want,
+            got: hex.len(),
+        });
     }
     Ok(())
 }
 
-fn check_tag(t: &str) -> Result<(), String> {
+fn check_tag(t: &str) -> Result<(), SyntaxError> {
     let ok = t.len() <= 128
         && t.bytes()
             .next()
@@ -129,19 +190,16 @@ fn check_tag(t: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("`{t}` is not a valid tag (letters, digits, `_`, `.`, `-`; at most 128; not starting with `.` or `-`)"))
+        Err(SyntaxError::Tag(t.to_owned()))
     }
 }
 
-fn check_repository(name: &str) -> Result<(), String> {
+fn check_repository(name: &str) -> Result<(), SyntaxError> {
     if name.is_empty() {
-        return Err("empty repository name".into());
+        return Err(SyntaxError::EmptyRepository);
     }
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Err(format!(
-            "repository names are lowercase: `{}`",
-            name.to_ascii_lowercase()
-        ));
+        return Err(SyntaxError::UppercaseRepository(name.to_ascii_lowercase()));
     }
     for part in name.split('/') {
         let edges_ok = part
@@ -157,7 +215,7 @@ fn check_repository(name: &str) -> Result<(), String> {
                 b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
             })
         {
-            return Err(format!("`{name}` is not a valid repository name (lowercase letters, digits and `._-` between them, components separated by `/`)"));
+            return Err(SyntaxError::Repository(name.to_owned()));
         }
     }
     Ok(())
@@ -207,7 +265,7 @@ mod tests {
             ("reg.example/app:-v1", "valid tag"),
             ("http://reg.example:5000", "names no repository"),
         ] {
-            let e = ImageRef::parse(bad).unwrap_err();
+            let e = ImageRef::parse(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

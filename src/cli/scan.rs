@@ -1,6 +1,9 @@
 //! `regguard scan`: reach the registry (explaining why not), check catalog access, scan with a
 //! token per scope, then name what was found (attestations after their image) and say how to
 //! repair each broken reference.
+//!
+//! The scan itself is [`crate::scan`]'s; this module knows how to reach, authenticate and
+//! report, not how to walk.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use serde::Serialize;
 use super::access::{Problem, RegistryAccess};
 use super::check::base_url;
 use super::credentials::Credentials;
-use crate::checker::RefKind;
+use crate::checker::{OutcomeKind, RefKind};
 use crate::inspect::{at, attestation_labels, registry_words, repair_hint};
 use crate::oci::Manifest;
 
@@ -114,7 +117,7 @@ async fn findings(
             &b.repository,
             &b.child_digest,
             b.kind == RefKind::Manifest,
-            b.upstream_said.contains("mismatch"),
+            b.outcome == OutcomeKind::Mismatch,
         );
         out.push(Finding {
             registry_said: registry_words(&b.upstream_said),
@@ -202,7 +205,7 @@ pub async fn scan_registry(
 ) -> Result<ScanOutcome, Problem> {
     let (scheme, host) = split_registry(registry)?;
     let base = base_url(scheme, host, insecure).await?;
-    let login = credentials.for_host(host).map_err(Problem::Auth)?;
+    let login = credentials.for_host(host)?;
     let access = Arc::new(RegistryAccess::new(&base, insecure, login));
     let challenge = access.ping().await?;
     let catalog = access
@@ -226,7 +229,7 @@ pub async fn scan_registry(
     let source: Arc<dyn crate::scan::ScanAuth> = access.clone();
     let once = crate::scan::scan_once(&base, insecure, basic, Some(source), page_size, concurrency)
         .await
-        .map_err(|e| Problem::Other(registry_words(&e)))?;
+        .map_err(|e| Problem::Other(registry_words(&e.to_string())))?;
     let broken = findings(&access, host, once.broken).await;
     Ok(ScanOutcome {
         registry: once.registry,

@@ -15,6 +15,7 @@ use crate::integrity::Integrity;
 use crate::oci::RefKind;
 use crate::vault::Vault;
 
+mod plan;
 pub mod repair;
 pub mod run;
 pub use repair::{Outcome, Plan, RepairError, Repairer, Step};

@@ -1,6 +1,8 @@
 //! The request and response head rewrites of the forwarding path: what the nginx
 //! front's `proxy_set_header` lines did, minus its weaknesses, and RFC 9110's
 //! hop-by-hop fields. Pure functions over header maps.
+//!
+//! They know nothing of routes, bodies or validation.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 

@@ -11,6 +11,9 @@
 //! 5. **log and count** when the response body ends or is dropped.
 //!
 //! Nothing here waits on anything but the client and the upstream.
+//!
+//! It knows nothing of how manifests are judged: the tap hands them to validation through
+//! the validator's queue, and the push path needs only the gate's verdict.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -29,7 +32,7 @@ use crate::checker::RefKind;
 use crate::config::Upstream;
 use crate::error::ForwardError;
 use crate::gate::{Gate, GateMode, OnCheckError, Verdict};
-use crate::metrics::{method_index, Metrics};
+use crate::metrics::{method_index, ErrorKind, Metrics};
 use crate::oci::{self, ManifestKind};
 use crate::route::{self, RouteKind};
 use crate::upstream::UpstreamBody;
@@ -515,7 +518,7 @@ pub struct Exchange {
     client: ClientAddr,
     started: Instant,
     status: Option<StatusCode>,
-    error: Option<&'static str>,
+    error: Option<ErrorKind>,
     access_log: bool,
     /// Held for the life of a bulk blob download (released with the exchange).
     _bulk: Option<BulkPermit>,
@@ -559,7 +562,7 @@ impl Drop for Exchange {
             bytes_out,
         );
         if self.tally.response_failed.load(Ordering::Relaxed) {
-            self.metrics.upstream_error("upstream_body");
+            self.metrics.upstream_error(ErrorKind::UpstreamBody);
         }
         if self.access_log {
             tracing::info!(
@@ -573,7 +576,7 @@ impl Drop for Exchange {
                 duration_ms = millis(self.started.elapsed()),
                 client = %self.client,
                 outcome,
-                error = self.error.unwrap_or(""),
+                error = self.error.map_or("", ErrorKind::as_str),
                 "request"
             );
         }

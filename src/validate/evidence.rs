@@ -142,6 +142,7 @@ impl Inspector {
                         "{} (answered to a client)",
                         crate::checker::Outcome::Missing.describe(p.kind)
                     ),
+                    outcome: crate::checker::OutcomeKind::Missing,
                     since: now_epoch(),
                     auth: auth.cloned().map(sensitive),
                     size: p.size,

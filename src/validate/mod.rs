@@ -9,6 +9,8 @@
 //! image's config and layers), and record what is broken in [`Integrity`].
 //! A re-check loop revisits broken references every `missing_ttl`, so the
 //! gauge heals without anyone pulling.
+//!
+//! It knows nothing of HTTP or the forwarding path beyond the [`Job`] it is handed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,7 +55,7 @@ pub struct Job {
 }
 
 struct ValidateMetrics {
-    index_checks: CounterSet,
+    index_checks: CounterSet<IndexCheck>,
     queue_depth: IntGauge,
     dropped: IntCounter,
     detection: Histogram,
@@ -112,11 +114,35 @@ struct Tally {
     over_budget: Option<OverBudget>,
 }
 
+crate::metrics::labels! {
+    /// The verdict on one validated manifest: the `result` label of
+    /// `regguard_index_checks_total` (counted for indexes only).
+    pub enum IndexCheck {
+        /// Every reference present and right.
+        Ok => "ok",
+        /// At least one reference missing or wrong.
+        Broken => "broken",
+        /// Some reference could not be read with the credentials at hand.
+        Unauthorized => "unauthorized",
+        /// Some reference could not be checked (timeout, 5xx, over budget).
+        Error => "error",
+    }
+}
+
+/// What one validation concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validated {
+    /// The manifest was read and its references judged.
+    Checked(IndexCheck),
+    /// The manifest no longer exists (deleted after it was served): nothing to judge,
+    /// and nothing counted.
+    Gone,
+}
+
 /// What one validation found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
-    /// ok | broken | unauthorized | error | gone (the manifest no longer exists)
-    pub result: &'static str,
+    pub result: Validated,
     /// The manifest was an index (or manifest list).
     pub index: bool,
     /// Broken references found.
@@ -138,7 +164,6 @@ impl Validator {
             "regguard_index_checks_total",
             "Index validations by result (ok, broken, unauthorized, error)",
             "result",
-            &["ok", "broken", "unauthorized", "error"],
         )?;
         let queue_depth =
             IntGauge::new("regguard_validation_queue_depth", "Validation jobs waiting")?;
@@ -252,7 +277,7 @@ impl Validator {
         let hit = recent.contains_key(&(repo.clone(), digest.clone(), true))
             || (!blobs && recent.contains_key(&(repo, digest, false)));
         if hit && kind == ManifestKind::Index {
-            self.shared.metrics.index_checks.inc("ok");
+            self.shared.metrics.index_checks.inc(IndexCheck::Ok);
         }
         hit
     }
@@ -356,55 +381,68 @@ struct Node<'a> {
 }
 
 impl Inspector {
-    /// Validates one manifest and records what it finds in the integrity state.
+    /// Validates one manifest and records what it finds in the integrity state, in three
+    /// phases: `Inspector::resolve` the manifest (a failure ends it in
+    /// `Inspector::unreadable`), `Inspector::walk` its references, and
+    /// `Inspector::conclude` (heal, remember, count).
     pub async fn validate(&self, job: Job) -> Summary {
-        let result = self.resolve(&job).await;
-        let (digest, manifest) = match result {
+        let (digest, manifest) = match self.resolve(&job).await {
             Ok(v) => v,
-            Err(e) => {
-                let label = match &e {
-                    FetchError::Unauthorized(_) => "unauthorized",
-                    FetchError::Status(404) => {
-                        // The index is gone (deleted after it was served): nothing to validate.
-                        if let Some(d) = &job.digest {
-                            self.integrity.remove_index(&job.repository, d);
-                        }
-                        return Summary {
-                            result: "gone",
-                            index: job.kind == ManifestKind::Index,
-                            broken: 0,
-                        };
-                    }
-                    _ => "error",
-                };
-                if label == "error" {
-                    tracing::warn!(
-                        repository = %job.repository,
-                        reference = %job.reference,
-                        digest = job.digest.as_deref().unwrap_or(""),
-                        error = %e,
-                        "cannot validate manifest"
-                    );
+            Err(e) => return self.unreadable(&job, &e),
+        };
+        let tally = self.walk(&job, &digest, &manifest).await;
+        self.conclude(&job, &digest, &manifest, tally)
+    }
+
+    /// The manifest could not be read: gone (its broken references go with it), not ours
+    /// to read, or an error.
+    fn unreadable(&self, job: &Job, e: &FetchError) -> Summary {
+        let result = match e {
+            FetchError::Unauthorized(_) => IndexCheck::Unauthorized,
+            FetchError::Status(404) => {
+                // The index is gone (deleted after it was served): nothing to validate.
+                if let Some(d) = &job.digest {
+                    self.integrity.remove_index(&job.repository, d);
                 }
-                self.count_index(job.kind, label);
                 return Summary {
-                    result: label,
+                    result: Validated::Gone,
                     index: job.kind == ManifestKind::Index,
                     broken: 0,
                 };
             }
+            _ => IndexCheck::Error,
         };
+        if result == IndexCheck::Error {
+            tracing::warn!(
+                repository = %job.repository,
+                reference = %job.reference,
+                digest = job.digest.as_deref().unwrap_or(""),
+                error = %e,
+                "cannot validate manifest"
+            );
+        }
+        self.count_index(job.kind, result);
+        Summary {
+            result: Validated::Checked(result),
+            index: job.kind == ManifestKind::Index,
+            broken: 0,
+        }
+    }
+
+    /// Judges every reference of the manifest at `digest` (see `walk.rs`), within the
+    /// reference budget, and records the broken ones as it goes.
+    async fn walk(&self, job: &Job, digest: &str, manifest: &Manifest) -> Tally {
         let node = Node {
             repository: &job.repository,
             reference: &job.reference,
-            root_digest: &digest,
+            root_digest: digest,
             auth: job.auth.as_ref(),
             seen_at: job.seen_at,
             blobs: job.blobs,
         };
         let mut tally = Tally::default();
         let mut walk = Walk::new(self.settings.max_references);
-        match manifest.as_ref() {
+        match manifest {
             Manifest::Index { manifests } => {
                 self.walk_index(&node, manifests, 1, &mut tally, &mut walk)
                     .await
@@ -412,14 +450,20 @@ impl Inspector {
             Manifest::Image { .. } => {
                 if node.blobs {
                     let none: Arc<str> = Arc::from("");
-                    self.check_image_blobs(&node, &manifest, &none, &mut tally, &mut walk)
+                    self.check_image_blobs(&node, manifest, &none, &mut tally, &mut walk)
                         .await;
                 }
             }
         }
+        tally
+    }
+
+    /// Heals what the walk found present, decides the result, remembers an ok manifest
+    /// (and every index, for re-validation after a delete), and counts it.
+    fn conclude(&self, job: &Job, digest: &str, manifest: &Manifest, mut tally: Tally) -> Summary {
         for d in &tally.ok {
             if !tally.broken_digests.contains(d) {
-                self.integrity.report_ok(&job.repository, &digest, d);
+                self.integrity.report_ok(&job.repository, digest, d);
             }
         }
         if let Some(over) = tally.over_budget {
@@ -431,30 +475,27 @@ impl Inspector {
                 "validation stopped: validate.max_references reached"
             );
         }
-        let label = if tally.broken > 0 {
-            "broken"
+        let result = if tally.broken > 0 {
+            IndexCheck::Broken
         } else if tally.unauthorized > 0 {
-            "unauthorized"
+            IndexCheck::Unauthorized
         } else if tally.errors > 0 {
-            "error"
+            IndexCheck::Error
         } else {
             self.shared.recent_ok.insert(
                 (
                     Arc::from(job.repository.as_str()),
-                    Arc::from(digest.as_str()),
+                    Arc::from(digest),
                     job.blobs,
                 ),
                 (),
             );
-            "ok"
+            IndexCheck::Ok
         };
-        let is_index = matches!(manifest.as_ref(), Manifest::Index { .. });
+        let is_index = matches!(manifest, Manifest::Index { .. });
         if is_index {
             self.shared.indexes.insert(
-                (
-                    Arc::from(job.repository.as_str()),
-                    Arc::from(digest.as_str()),
-                ),
+                (Arc::from(job.repository.as_str()), Arc::from(digest)),
                 Arc::from(job.reference.as_str()),
             );
         }
@@ -464,18 +505,18 @@ impl Inspector {
             } else {
                 ManifestKind::Image
             },
-            label,
+            result,
         );
         Summary {
-            result: label,
+            result: Validated::Checked(result),
             index: is_index,
             broken: tally.broken,
         }
     }
 
-    fn count_index(&self, kind: ManifestKind, label: &str) {
+    fn count_index(&self, kind: ManifestKind, result: IndexCheck) {
         if kind == ManifestKind::Index {
-            self.shared.metrics.index_checks.inc(label);
+            self.shared.metrics.index_checks.inc(result);
         }
     }
 
@@ -492,11 +533,7 @@ impl Inspector {
         let digest = match &job.digest {
             Some(d) => d.clone(),
             None if crate::oci::is_sha256_digest(&job.reference) => job.reference.clone(),
-            None => {
-                return Err(FetchError::Upstream(
-                    "response had no Docker-Content-Digest".into(),
-                ))
-            }
+            None => return Err(FetchError::NoDigest),
         };
         let m = self
             .checker

@@ -167,6 +167,7 @@ impl Inspector {
                     platform: platform.to_string(),
                     kind,
                     upstream_said: outcome.describe(kind),
+                    outcome: outcome.kind(),
                     since: now_epoch(),
                     auth: node.auth.cloned().map(evidence::sensitive),
                     size: d.size,
