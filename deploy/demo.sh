@@ -5,8 +5,10 @@
 #
 #   deploy/demo.sh            start (installs docker-registry and skopeo if missing)
 #   deploy/demo.sh incident   break the sample's linux/amd64 child the way registry 2.8's
-#                             garbage-collect does, pull through regguard, show what it saw
-#   deploy/demo.sh heal       push the sample again (digests kept) and watch the gauge clear
+#                             garbage-collect does; a pull straight from the registry fails,
+#                             a pull through regguard succeeds from its vault; show what it saw
+#   deploy/demo.sh heal       repair the registry from the vault (regguard heal) and watch
+#                             the gauge clear
 #   deploy/demo.sh stop       stop what start started (by PID) and remove its temp dir
 #
 # Ports: DEMO_REGISTRY_PORT (5000), DEMO_PORT (5050), DEMO_ADMIN_PORT (9090).
@@ -80,14 +82,28 @@ incident() {
     "http://127.0.0.1:$reg_port/v2/$repo/manifests/$child")
   echo "   registry now: the index by tag answers $by_tag, the child by digest answers $by_digest"
   echo
-  echo "== 2. Pull through regguard, as CI would"
+  echo "== 2. Pull straight from the registry, as CI did before regguard"
   local pull
   pull=$(mktemp -d "$work/pull.XXXXXX")
-  echo "   skopeo copy --all --src-tls-verify=false docker://$image dir:$pull"
-  if out=$(skopeo copy --quiet --all --src-tls-verify=false "docker://$image" "dir:$pull" 2>&1); then
+  echo "   skopeo copy --all --src-tls-verify=false docker://127.0.0.1:$reg_port/$repo:v1 dir:$pull"
+  if out=$(skopeo copy --quiet --all --src-tls-verify=false "docker://127.0.0.1:$reg_port/$repo:v1" "dir:$pull" 2>&1); then
     echo "   the pull succeeded (unexpected: was the link already restored?)"
   else
     echo "   the pull fails:"
+    printf '%s\n' "$out" | sed 's/^/   | /'
+  fi
+  rm -rf "$pull"
+  echo
+  echo "== 2b. Pull through regguard"
+  pull=$(mktemp -d "$work/pull.XXXXXX")
+  echo "   skopeo copy --all --src-tls-verify=false docker://$image dir:$pull"
+  if out=$(skopeo copy --quiet --all --src-tls-verify=false "docker://$image" "dir:$pull" 2>&1); then
+    echo "   the pull succeeds: regguard answered the registry's 404 for the child with the exact"
+    echo "   bytes from its vault (header x-regguard-served-from: vault):"
+    curl -s -o /dev/null -D - -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+      "http://127.0.0.1:$port/v2/$repo/manifests/$child" | grep -iE '^(HTTP|x-regguard|docker-content-digest)' | sed 's/^/   | /'
+  else
+    echo "   the pull fails too (the vault does not hold it):"
     printf '%s\n' "$out" | sed 's/^/   | /'
   fi
   rm -rf "$pull"
@@ -109,15 +125,15 @@ incident() {
   echo "   the WARN line in $work/regguard.log:"
   grep -a 'WARN' "$work/regguard.log" | grep -a "$hex" | head -n 2 | sed 's/^/   | /' || true
   echo
-  echo "Repair (the README runbook): push the image again with its digests kept:"
+  echo "The registry is still damaged (/integrity says served_from_vault). Repair it from the vault:"
   echo "  ./deploy/demo.sh heal"
 }
 
 heal() {
   load
-  echo "skopeo copy --all --preserve-digests oci:$work/image:v1 docker://$image"
-  skopeo copy --quiet --all --preserve-digests --dest-tls-verify=false "oci:$work/image:v1" "docker://$image"
-  echo "re-PUTting the child's exact bytes recreated its link; regguard re-checks broken references every missing_ttl (5s here):"
+  echo "$bin heal --registry http://127.0.0.1:$reg_port --vault $work/vault --insecure"
+  "$bin" heal --registry "http://127.0.0.1:$reg_port" --vault "$work/vault" --insecure | sed 's/^/  | /' || true
+  echo "regguard re-checks broken references every missing_ttl (5s here):"
   local g=""
   for _ in $(seq 1 300); do
     g=$(gauge)
@@ -166,8 +182,8 @@ work=$(mktemp -d /tmp/regguard-demo.XXXXXX)
 mkdir -p "$work/storage"
 # The state is written as soon as there is something to clean up, so `stop` always can.
 save() {
-  printf 'pids="%s"\nwork=%s\nreg_port=%s\nport=%s\nadmin_port=%s\nimage=%s\nindex=%s\nchild=%s\n' \
-    "${pids:-}" "$work" "$reg_port" "$port" "$admin_port" "${image:-}" "${index:-}" "${child:-}" >"$state"
+  printf 'pids="%s"\nwork=%s\nreg_port=%s\nport=%s\nadmin_port=%s\nimage=%s\nindex=%s\nchild=%s\nbin=%s\n' \
+    "${pids:-}" "$work" "$reg_port" "$port" "$admin_port" "${image:-}" "${index:-}" "${child:-}" "${bin:-}" >"$state"
 }
 save
 trap 'echo "start failed; cleaning up" >&2; stop >&2' ERR
@@ -239,8 +255,9 @@ skopeo copy --quiet --all --preserve-digests --dest-tls-verify=false "oci:$layou
 
 # missing_ttl 5s: broken references are re-checked every 5 s, so `heal` shows the gauge
 # clear quickly (the default is 30s).
+# The vault lives in the demo's temp dir and keeps layers too (the sample is tiny).
 REGGUARD_SCAN_ENABLED=true REGGUARD_SCAN_INTERVAL=30s REGGUARD_METRICS_INSTANCE=demo \
-  REGGUARD_VALIDATE_MISSING_TTL=5s \
+  REGGUARD_VALIDATE_MISSING_TTL=5s REGGUARD_VAULT_URL="$work/vault" REGGUARD_VAULT_LAYERS=true \
   "$bin" serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
   --upstream "http://127.0.0.1:$reg_port" >"$work/regguard.log" 2>&1 &
 rg_pid=$!
@@ -261,6 +278,15 @@ for _ in $(seq 1 300); do
 done
 
 skopeo copy --quiet --all --preserve-digests --src-tls-verify=false "docker://$image" "oci:$work/pulled:v1"
+# The vault keeps what the scan and the pull saw, in the background: wait until it is still.
+vault_writes() { metrics | awk '/^regguard_vault_writes_total/ {n += $NF} END {print n + 0}'; }
+last=-1
+for _ in $(seq 1 100); do
+  now=$(vault_writes)
+  [ "$now" -gt 0 ] && [ "$now" = "$last" ] && break
+  last=$now
+  sleep 0.3
+done
 
 trap - ERR
 
@@ -273,6 +299,7 @@ regguard demo is up.
   health        http://127.0.0.1:$admin_port/healthz   readiness http://127.0.0.1:$admin_port/readyz
   sample image  $image  (index $index: linux/amd64, linux/arm64, 2 attestations)
                 pushed into the registry, scanned by regguard, pulled back through regguard
+  vault         $work/vault   (what regguard has seen: $(vault_writes) objects kept)
 
 Try:
   skopeo inspect --tls-verify=false --raw docker://$image
@@ -281,6 +308,7 @@ Try:
   curl -s http://127.0.0.1:$admin_port/integrity          # broken references right now
   $bin check --insecure $image         # the image as a tree
   ./deploy/demo.sh incident                # break a child the way registry 2.8's GC does, and pull
+  ./deploy/demo.sh heal                    # repair the registry from regguard's vault
 Stop:
   ./deploy/demo.sh stop
 

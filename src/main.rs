@@ -92,6 +92,10 @@ struct CheckArgs {
     /// https://host/repo@sha256:..., http://host:port/repo:tag, host/repo (tag latest).
     #[arg(required = true, value_name = "REF")]
     refs: Vec<String>,
+    /// A vault (the directory `serve` keeps, or s3://bucket/prefix): say which broken
+    /// references it holds, so `regguard heal` can put them back.
+    #[arg(long, value_name = "URL")]
+    vault: Option<String>,
     #[command(flatten)]
     access: Access,
 }
@@ -227,11 +231,25 @@ fn check(args: CheckArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return cannot("check", &e),
     };
-    let results = runtime.block_on(regguard::cli::check::check_all(
+    let mut results = runtime.block_on(regguard::cli::check::check_all(
         &refs,
         args.access.insecure,
         &credentials,
     ));
+    if let Some(vault) = &args.vault {
+        let repositories: Vec<String> = refs.iter().map(|r| r.repository.clone()).collect();
+        let aws = std::env::vars()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .collect();
+        if let Err(e) = runtime.block_on(regguard::cli::heal::mark_repairable(
+            &mut results,
+            &repositories,
+            vault,
+            aws,
+        )) {
+            return cannot("check", &e.to_string());
+        }
+    }
     for r in &results {
         if let Some(e) = &r.error {
             eprintln!("regguard check: {}: {e}", r.image);

@@ -593,6 +593,12 @@ fn demo_starts_shows_the_incident_heals_and_stops_clean() {
             && l.contains("platform=linux/amd64")),
         "the WARN line is not shown:\n{incident}"
     );
+    // Through regguard the same pull succeeds, from the vault.
+    assert!(
+        incident.contains("the pull succeeds: regguard answered")
+            && incident.contains("x-regguard-served-from: vault"),
+        "{incident}"
+    );
     let gauge = printed_gauge(&incident).expect("the gauge is printed");
     assert!(gauge >= 1.0, "{incident}");
     assert!(incident.contains("0 -> 1"), "{incident}");
@@ -607,6 +613,10 @@ fn demo_starts_shows_the_incident_heals_and_stops_clean() {
     assert!(metric_lines <= 6, "{incident}");
 
     let healed = demo.run("heal");
+    assert!(
+        healed.contains(&format!("REPAIRED demo/app@{child}")),
+        "{healed}"
+    );
     assert_eq!(printed_gauge(&healed), Some(0.0), "{healed}");
 
     let stopped = demo.run("stop");

@@ -475,6 +475,15 @@ fn heal_cli_plans_with_dry_run_then_repairs_a_registry_after_an_offline_gc() {
     let child = img.image("amd64").manifest.digest.clone();
 
     let registry = reg.url();
+    // `check` says the lost child is in the vault, and what puts it back.
+    let image = format!("{}/tools/cli:v1", reg.addr);
+    let (code, out, err) = run_cli(&["check", "--insecure", "--vault", &vault_dir, &image], &[]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains(&format!("repairable: {child} is in the vault")),
+        "{out}"
+    );
+    assert!(out.contains("regguard heal --registry"), "{out}");
     let args = [
         "heal",
         "--registry",

@@ -146,6 +146,10 @@ pub struct CheckResult {
     /// One runbook line per broken reference.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub repair: Vec<String>,
+    /// Broken digests the vault holds for this repository (`check --vault`): `regguard heal`
+    /// can put them back.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repairable: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tree: Option<Node>,
 }
@@ -214,6 +218,9 @@ impl CheckResult {
         for r in &self.repair {
             out.push_str(&format!("{r}\n"));
         }
+        for d in &self.repairable {
+            out.push_str(&format!("repairable: {d} is in the vault\n"));
+        }
         out.push('\n');
         out
     }
@@ -230,8 +237,26 @@ impl CheckResult {
             unchecked: 1,
             error: Some(p.to_string()),
             repair: Vec::new(),
+            repairable: Vec::new(),
             tree: None,
         }
+    }
+
+    /// The digests of this result's broken nodes.
+    pub fn broken_digests(&self) -> Vec<String> {
+        fn walk(n: &Node, out: &mut Vec<String>) {
+            if n.result.is_broken() && !out.contains(&n.digest) {
+                out.push(n.digest.clone());
+            }
+            for c in &n.children {
+                walk(c, out);
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(t) = &self.tree {
+            walk(t, &mut out);
+        }
+        out
     }
 }
 
@@ -308,6 +333,7 @@ pub async fn check_all(
                     unchecked,
                     error: None,
                     repair,
+                    repairable: Vec::new(),
                     tree: Some(tree),
                 }
             }

@@ -175,3 +175,42 @@ pub async fn heal_registry(
         scan_errors: scanned.report.errors,
     })
 }
+
+/// `regguard check --vault`: marks each broken digest the vault holds for its repository.
+pub async fn mark_repairable(
+    results: &mut [super::check::CheckResult],
+    repositories: &[String],
+    vault: &str,
+    aws: Vec<(String, String)>,
+) -> Result<(), Problem> {
+    let store = open_vault(vault, aws)?;
+    for (result, repository) in results.iter_mut().zip(repositories) {
+        for digest in result.broken_digests() {
+            if store
+                .holds(repository, &digest)
+                .await
+                .map_err(|e| Problem::Other(format!("--vault: {e}")))?
+            {
+                result.repairable.push(digest);
+            }
+        }
+        if !result.repairable.is_empty() {
+            let host = result.image.split('/').next().unwrap_or("");
+            result.repair.push(format!(
+                "regguard heal --registry {host} --vault {vault} puts back what the vault holds"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn open_vault(vault: &str, aws: Vec<(String, String)>) -> Result<Arc<Vault>, Problem> {
+    let location = Location::parse(vault).map_err(|e| Problem::Other(format!("--vault: {e}")))?;
+    let settings =
+        crate::config::Settings::from_toml("").map_err(|e| Problem::Other(e.to_string()))?;
+    let mut vault_settings = settings.vault.clone();
+    vault_settings.location = Some(location);
+    vault_settings.aws = aws;
+    Vault::open(vault_settings, None, &prometheus::Registry::new())
+        .map_err(|e| Problem::Other(format!("--vault: {e}")))
+}

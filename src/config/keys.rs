@@ -163,8 +163,8 @@ pub const KEYS: &[Key] = &[
     key("scan.credentials_file", Kind::Path, Default::Unset("none"),
         "a file with `user:password` for the scan (or `REGGUARD_SCAN_USER` + `REGGUARD_SCAN_PASSWORD`)"),
     // ---- [vault]
-    key("vault.url", Kind::Text, Default::Unset("`$STATE_DIRECTORY/vault` under systemd (`StateDirectory=`), else no vault"),
-        "where the vault keeps what regguard has seen: a directory, or `s3://bucket/prefix` (credentials, region and endpoint from the usual `AWS_*` variables, e.g. `AWS_ENDPOINT`, `AWS_ALLOW_HTTP=true`); `none` turns the vault off"),
+    key("vault.url", Kind::Text, Default::Unset("$STATE_DIRECTORY/vault"),
+        "where the vault keeps what regguard has seen: a directory (by default `$STATE_DIRECTORY/vault` under systemd's `StateDirectory=`, else none), or `s3://bucket/prefix` (credentials, region and endpoint from the usual `AWS_*` variables, e.g. `AWS_ENDPOINT`, `AWS_ALLOW_HTTP=true`); `none` turns the vault off"),
     key("vault.layers", Kind::Bool, Default::Value("false"),
         "also keep every layer (doubles storage), not only manifests and configs"),
     key("vault.max_blob_size", Kind::Count { min: 0 }, Default::Value("4194304"),
@@ -174,7 +174,7 @@ pub const KEYS: &[Key] = &[
     key("vault.max_bytes", Kind::Count { min: 0 }, Default::Value("0"),
         "content bytes kept at most, least recently seen evicted first; 0: no cap"),
     // ---- [heal]
-    key("heal.serve", Kind::Bool, Default::Unset("true when a vault is on"),
+    key("heal.serve", Kind::Bool, Default::Unset("with a vault"),
         "answer a client's 404 for a manifest or blob by digest with the vault's bytes, if it was seen in that repository"),
     key("heal.repair", Kind::Bool, Default::Value("false"),
         "repair the registry from the vault: re-upload lost blobs, re-PUT lost manifests, verify by GET"),

@@ -101,3 +101,124 @@ pub(super) async fn run(vault: &Vault) -> Result<PruneReport, StoreError> {
     vault.metrics.pruned.inc_by(report.objects_removed);
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::{Duration, SystemTime};
+
+    use bytes::Bytes;
+
+    use crate::config::{VaultLocation, VaultSettings};
+    use crate::oci::RefKind;
+    use crate::vault::{Seen, Vault};
+
+    fn vault(dir: &std::path::Path, max_bytes: Option<u64>) -> std::sync::Arc<Vault> {
+        let settings = VaultSettings {
+            location: Some(VaultLocation::Dir(dir.to_path_buf())),
+            default_location: false,
+            layers: false,
+            max_blob_size: 1 << 20,
+            retention: Duration::from_secs(30 * 86400),
+            max_bytes,
+            aws: Vec::new(),
+        };
+        Vault::open(settings, None, &prometheus::Registry::new()).unwrap()
+    }
+
+    async fn keep(v: &Vault, repo: &str, data: &'static [u8]) -> String {
+        let digest = crate::oci::sha256_digest(data);
+        v.store()
+            .put_bytes(&digest, Bytes::from_static(data))
+            .await
+            .unwrap();
+        let seen = Seen {
+            media_type: "application/octet-stream".into(),
+            size: data.len() as u64,
+            kind: RefKind::Blob,
+        };
+        v.store().mark_seen(repo, &digest, &seen).await.unwrap();
+        digest
+    }
+
+    /// Sets a file's modification time `days` ago (what object stores report as last modified).
+    fn age(path: &std::path::Path, days: u64) {
+        let when = SystemTime::now() - Duration::from_secs(days * 86400);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    }
+
+    fn seen_file(dir: &std::path::Path, repo: &str, digest: &str) -> std::path::PathBuf {
+        dir.join("repositories")
+            .join(repo)
+            .join("_seen/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    }
+
+    fn content_file(dir: &std::path::Path, digest: &str) -> std::path::PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        dir.join("blobs/sha256")
+            .join(hex.get(..2).unwrap())
+            .join(hex)
+    }
+
+    #[tokio::test]
+    async fn records_past_retention_go_and_then_their_unreferenced_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path(), None);
+        let old = keep(&v, "team/app", b"old blob").await;
+        let fresh = keep(&v, "team/app", b"fresh blob").await;
+        // Seen in two repositories: one expired record does not take the content.
+        v.store()
+            .mark_seen(
+                "team/other",
+                &old,
+                &Seen {
+                    media_type: String::new(),
+                    size: 8,
+                    kind: RefKind::Blob,
+                },
+            )
+            .await
+            .unwrap();
+        age(&seen_file(dir.path(), "team/app", &old), 40);
+        let r = v.prune().await.unwrap();
+        assert_eq!((r.records_removed, r.objects_removed), (1, 0));
+        assert!(v.store().seen("team/app", &old).await.unwrap().is_none());
+        assert!(v.holds("team/other", &old).await.unwrap());
+
+        age(&seen_file(dir.path(), "team/other", &old), 31);
+        // Content younger than the grace period stays even unreferenced (a record may be in flight).
+        let r = v.prune().await.unwrap();
+        assert_eq!((r.records_removed, r.objects_removed), (1, 0));
+        assert!(content_file(dir.path(), &old).exists());
+        age(&content_file(dir.path(), &old), 2);
+        let r = v.prune().await.unwrap();
+        assert_eq!(r.objects_removed, 1);
+        assert!(!content_file(dir.path(), &old).exists());
+        assert!(v.holds("team/app", &fresh).await.unwrap());
+        assert_eq!((r.objects, r.bytes), (1, 10));
+        assert_eq!(v.metrics.objects.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn over_the_size_cap_the_least_recently_seen_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vault(dir.path(), Some(20));
+        let a = keep(&v, "r", b"aaaaaaaaaa").await;
+        let b = keep(&v, "r", b"bbbbbbbbbb").await;
+        let c = keep(&v, "r", b"cccccccccc").await;
+        age(&seen_file(dir.path(), "r", &a), 3);
+        age(&seen_file(dir.path(), "r", &b), 1);
+        let r = v.prune().await.unwrap();
+        assert_eq!(r.objects_removed, 1);
+        assert!(!v.holds("r", &a).await.unwrap(), "the least recently seen");
+        assert!(v.holds("r", &b).await.unwrap() && v.holds("r", &c).await.unwrap());
+        assert_eq!(r.bytes, 20);
+    }
+}
