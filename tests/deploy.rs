@@ -115,17 +115,25 @@ fn dashboard_and_alerts_only_use_metrics_regguard_exports() {
             .filter(|n| !n.ends_with('_')),
     );
 
-    // A regguard with the scan and TLS on, over a registry with one broken reference,
+    // A regguard with the scan, TLS and the vault on, over a registry with one broken reference,
     // exports everything (the certificate metrics exist only with TLS).
     let cert = common::TestCert::generate();
     let reg = Registry::start();
     let img = oci::multi_arch("deploy");
     oci::push_multi_arch(&reg.url(), "deploy/app", "v1", &img, &[]);
     reg.remove_revision_link("deploy/app", &img.image("amd64").manifest.digest);
+    // And with a vault: its metrics and heal's exist only then.
+    let vault = tempfile::tempdir().unwrap();
     let rg = Regguard::start_with(
         &reg.url(),
         RegguardOptions {
-            env: vec![("REGGUARD_SCAN_ENABLED".into(), "true".into())],
+            env: vec![
+                ("REGGUARD_SCAN_ENABLED".into(), "true".into()),
+                (
+                    "REGGUARD_VAULT_URL".into(),
+                    vault.path().display().to_string(),
+                ),
+            ],
             tls: Some((cert.cert_pem.clone(), cert.key_pem.clone())),
             ..Default::default()
         },
