@@ -285,7 +285,7 @@ impl Tap {
         }
     }
 
-    fn push(&mut self, data: &Bytes) {
+    pub(crate) fn push(&mut self, data: &Bytes) {
         if self.overflow {
             return;
         }
@@ -299,7 +299,7 @@ impl Tap {
         }
     }
 
-    fn finish(&mut self, complete: bool) {
+    pub(crate) fn finish(&mut self, complete: bool) {
         let Some(deliver) = self.deliver.take() else {
             return;
         };

@@ -43,6 +43,9 @@ pin_project_lite::pin_project! {
         Client { #[pin] body: Metered<Incoming> },
         /// Bytes regguard holds (a manifest it has read, or nothing).
         Full { data: Option<Bytes> },
+        /// A client's body, streamed through, with a copy taken aside (a small blob upload
+        /// the vault keeps).
+        Tapped { #[pin] body: Metered<Incoming>, tap: crate::body::Tap },
         /// A stream regguard produces (a blob re-uploaded from the vault).
         Stream { #[pin] body: http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> },
     }
@@ -67,6 +70,23 @@ impl Body for UpstreamBody {
             UpstreamBodyProj::Client { body } => body.poll_frame(cx),
             UpstreamBodyProj::Full { data } => poll_full(data),
             UpstreamBodyProj::Stream { body } => body.poll_frame(cx),
+            UpstreamBodyProj::Tapped { mut body, tap } => {
+                let polled = body.as_mut().poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            tap.push(d);
+                        }
+                        if body.is_end_stream() {
+                            tap.finish(true);
+                        }
+                    }
+                    Poll::Ready(None) => tap.finish(true),
+                    Poll::Ready(Some(Err(_))) => tap.finish(false),
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -75,6 +95,7 @@ impl Body for UpstreamBody {
             UpstreamBody::Client { body } => body.is_end_stream(),
             UpstreamBody::Full { data } => data.as_ref().is_none_or(|d| d.is_empty()),
             UpstreamBody::Stream { body } => body.is_end_stream(),
+            UpstreamBody::Tapped { body, .. } => body.is_end_stream(),
         }
     }
 
@@ -83,6 +104,7 @@ impl Body for UpstreamBody {
             UpstreamBody::Client { body } => body.size_hint(),
             UpstreamBody::Full { data } => full_hint(data),
             UpstreamBody::Stream { body } => body.size_hint(),
+            UpstreamBody::Tapped { body, .. } => body.size_hint(),
         }
     }
 }

@@ -362,6 +362,29 @@ fn s3_vault_content_seen_in_one_repository_is_never_served_for_another() {
     content_seen_in_one_repository_is_never_served_for_another(Backend::s3());
 }
 
+#[test]
+fn small_blobs_pushed_through_regguard_are_kept_as_they_stream_not_read_back() {
+    let reg = Registry::start();
+    let vault = Backend::dir();
+    let rg = regguard(&reg.url(), &vault, &[]);
+    // Monolithic uploads (POST, then PUT with the body) ...
+    let img = oci::multi_arch("copy-put");
+    oci::push_multi_arch(&rg.url(), "app/put", "v1", &img, &[]);
+    wait_kept(&vault, &digests(&img, false));
+    // ... and skopeo's (POST, PATCH with the body, PUT ?digest= without one).
+    let img2 = oci::multi_arch("copy-patch");
+    skopeo_push(&img2, &format!("docker://{}/app/patch:v1", rg.host()));
+    wait_kept(&vault, &digests(&img2, false));
+    assert_eq!(
+        rg.metric(r#"regguard_vault_fetches_total{kind="blob"}"#),
+        0.0,
+        "every config came from its upload, none was read back from the registry"
+    );
+    // Layers (vault.layers off) were not kept.
+    let layer = &img.image("amd64").layers[0].digest;
+    assert!(!vault.holds(layer));
+}
+
 // ---- the real garbage collection ----
 
 /// Pushes through regguard, waits for the vault, then stops the registry, runs its real

@@ -42,6 +42,7 @@ use crate::validate::{Job, Validator};
 mod headers;
 mod push;
 mod tap;
+mod upload;
 mod vault;
 
 use crate::watch::UpstreamWatch;
@@ -126,6 +127,8 @@ pub struct Proxy {
     vault: Option<Arc<crate::vault::Vault>>,
     /// Answers the registry's 404s from the vault (`[heal] serve`).
     serving: Option<Arc<crate::heal::Serving>>,
+    /// Small uploads in progress, copied for the vault.
+    uploads: Option<upload::Uploads>,
 }
 
 /// Timeouts and logging of the forwarding path.
@@ -171,6 +174,7 @@ impl Proxy {
             trusted_proxies: Arc::new([]),
             vault: None,
             serving: None,
+            uploads: None,
         }
     }
 
@@ -182,6 +186,7 @@ impl Proxy {
     ) -> Self {
         self.vault = Some(vault);
         self.serving = serving;
+        self.uploads = Some(upload::uploads());
         self
     }
 
@@ -210,6 +215,10 @@ impl Proxy {
         // A name outside the registry's grammar is the registry's to redirect or refuse:
         // neither gated nor validated (checks under it would only be redirected too).
         let named = route.repository.is_some_and(route::is_repository_name);
+        let (upload, request_tap) = match named.then(|| self.upload_copy(&req, &route)).flatten() {
+            Some((copy, tap)) => (Some(copy), tap),
+            None => (None, None),
+        };
         let mut exchange = Exchange {
             metrics: self.metrics.clone(),
             tally: Arc::new(Tally::default()),
@@ -268,7 +277,7 @@ impl Proxy {
                     self.gated_push(&gate, &reference, req, conn, &mut exchange)
                         .await
                 }
-                None => self.forward(req, conn, &mut exchange).await,
+                None => self.forward(req, conn, &mut exchange, request_tap).await,
             };
             match forwarded {
                 Ok(mut resp) => {
@@ -285,6 +294,10 @@ impl Proxy {
                         if resp.status() == StatusCode::ACCEPTED {
                             vault.forget(repository, digest).await;
                         }
+                    }
+                    if let Some(copy) = upload {
+                        let range = resp.headers().get(header::RANGE);
+                        self.upload_answered(copy, resp.status(), range);
                     }
                     if resp.status() == StatusCode::NOT_FOUND {
                         if let Some(ask) = ask {
@@ -315,11 +328,13 @@ impl Proxy {
         response
     }
 
+    /// Phase 3: forwards the request; `copy` takes a copy of its body aside as it streams.
     async fn forward(
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
         exchange: &mut Exchange,
+        copy: Option<Tap>,
     ) -> Result<Response<ResponseBody>, ForwardError> {
         let tally = exchange.tally.clone();
         // Blob downloads get large upstream reads while the bulk budget lasts (see `upstream`).
@@ -340,8 +355,10 @@ impl Proxy {
         let h2_download = head.version == Version::HTTP_2
             && exchange.route == RouteKind::Blob
             && head.method == Method::GET;
-        let body = UpstreamBody::Client {
-            body: Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request),
+        let body = Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request);
+        let body = match copy {
+            Some(tap) => UpstreamBody::Tapped { body, tap },
+            None => UpstreamBody::Client { body },
         };
         let resp = self.send(client, head, body, conn, tally).await?;
         if !h2_download {

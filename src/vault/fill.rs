@@ -47,6 +47,9 @@ pub(super) fn start(
                     Work::Manifest {
                         repository, digest, ..
                     }
+                    | Work::Blob {
+                        repository, digest, ..
+                    }
                     | Work::Reference {
                         repository, digest, ..
                     } => (repository.clone(), digest.clone()),
@@ -76,6 +79,24 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
             auth,
             depth,
         } => keep_manifest(vault, &repository, &digest, &media_type, body, auth, depth).await,
+        Work::Blob {
+            repository,
+            digest,
+            body,
+        } => {
+            let size = body.len() as u64;
+            if vault.store.content_size(&digest).await?.is_none() {
+                vault.store.put_bytes(&digest, body).await?;
+                vault.metrics.wrote(RefKind::Blob, size);
+            }
+            let seen = Seen {
+                media_type: String::new(),
+                size,
+                kind: RefKind::Blob,
+            };
+            vault.store.mark_seen(&repository, &digest, &seen).await?;
+            Ok(())
+        }
         Work::Reference {
             repository,
             digest,
@@ -93,6 +114,7 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
                 Ok(Some(body)) => body,
                 // Not held (or held damaged: fetch it again, which replaces it).
                 Ok(None) | Err(super::StoreError::Corrupt { .. }) => {
+                    vault.metrics.fetches.with_label_values(&["manifest"]).inc();
                     fetch_manifest(source, &repository, &digest, auth.as_ref()).await?
                 }
                 Err(e) => return Err(e.into()),
@@ -109,8 +131,28 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
             ..
         } => {
             if vault.store.content_size(&digest).await?.is_none() {
-                let written =
-                    fetch_blob(vault, source, &repository, &digest, auth.as_ref()).await?;
+                // Copied as it was uploaded: no need to read it back (unless the copy is wrong).
+                let copied = match vault.take_pending(&repository, &digest) {
+                    Some(body) => {
+                        let size = body.len() as u64;
+                        match vault.store.put_bytes(&digest, body).await {
+                            Ok(()) => Some(size),
+                            Err(super::StoreError::Mismatch { .. }) => {
+                                vault.metrics.verification_failures.inc();
+                                None
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    None => None,
+                };
+                let written = match copied {
+                    Some(size) => size,
+                    None => {
+                        vault.metrics.fetches.with_label_values(&["blob"]).inc();
+                        fetch_blob(vault, source, &repository, &digest, auth.as_ref()).await?
+                    }
+                };
                 vault.metrics.wrote(RefKind::Blob, written);
             }
             let seen = Seen {

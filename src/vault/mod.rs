@@ -49,6 +49,8 @@ pub struct VaultMetrics {
     pub dropped: IntCounter,
     pub errors: IntCounter,
     pub pruned: IntCounter,
+    /// Manifests and blobs the filler read from the registry (not handed over or copied).
+    pub fetches: IntCounterVec,
 }
 
 impl VaultMetrics {
@@ -91,6 +93,14 @@ impl VaultMetrics {
             "regguard_vault_pruned_total",
             "Content objects removed by retention or the size cap",
         )?;
+        let fetches = IntCounterVec::new(
+            Opts::new(
+                "regguard_vault_fetches_total",
+                "Manifests and blobs the vault's filler read back from the registry because they did not stream through regguard, by kind",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(fetches.clone()))?;
         for m in [&objects, &bytes] {
             registry.register(Box::new(m.clone()))?;
         }
@@ -102,6 +112,7 @@ impl VaultMetrics {
         for kind in [RefKind::Manifest, RefKind::Blob] {
             writes.with_label_values(&[kind.as_str()]);
             hits.with_label_values(&[kind.as_str()]);
+            fetches.with_label_values(&[kind.as_str()]);
         }
         Ok(VaultMetrics {
             objects,
@@ -112,6 +123,7 @@ impl VaultMetrics {
             dropped,
             errors,
             pruned,
+            fetches,
         })
     }
 
@@ -143,6 +155,12 @@ pub(crate) enum Work {
         auth: Option<HeaderValue>,
         depth: u32,
     },
+    /// A blob's bytes, copied as they were uploaded to `repository`.
+    Blob {
+        repository: String,
+        digest: String,
+        body: Bytes,
+    },
     /// A reference a kept manifest makes, to be kept too.
     Reference {
         repository: String,
@@ -164,8 +182,15 @@ pub struct Vault {
     /// Blobs verified recently (hashing a layer on every Range request would be wasteful).
     verified: moka::sync::Cache<Arc<str>, u64>,
     queue: mpsc::Sender<Work>,
+    /// Blobs copied from uploads, waiting for a manifest to say they are configs (with
+    /// `layers` off, only configs are kept; the rest expire here unwritten).
+    pending: moka::sync::Cache<(Arc<str>, Arc<str>), Bytes>,
     pub metrics: VaultMetrics,
 }
+
+/// Bytes of uploaded blobs waiting for their manifest, at most, and for how long.
+const PENDING_BYTES: u64 = 64 * 1024 * 1024;
+const PENDING_FOR: Duration = Duration::from_secs(120);
 
 /// Seconds since the Unix epoch.
 fn now_epoch() -> i64 {
@@ -201,6 +226,13 @@ impl Vault {
                 .time_to_live(VERIFIED_FOR)
                 .build(),
             queue: tx,
+            pending: moka::sync::Cache::builder()
+                .max_capacity(PENDING_BYTES)
+                .weigher(|_: &(Arc<str>, Arc<str>), b: &Bytes| {
+                    u32::try_from(b.len()).unwrap_or(u32::MAX)
+                })
+                .time_to_live(PENDING_FOR)
+                .build(),
             metrics,
         });
         fill::start(Arc::downgrade(&vault), rx, source, WORKERS);
@@ -248,6 +280,31 @@ impl Vault {
         self.enqueue(work, repository, digest);
     }
 
+    /// Keeps a blob uploaded to `repository` whose bytes were copied as they streamed (written
+    /// only if they hash to `digest`). With `layers` off it is written only once a kept
+    /// manifest names it as its config.
+    pub fn keep_blob(&self, repository: &str, digest: &str, body: Bytes) {
+        if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
+            return;
+        }
+        let key = Self::key(repository, digest);
+        if self.known.contains_key(&key) {
+            return;
+        }
+        if !self.settings.layers {
+            // A config or a layer? The manifest will say; until then it waits in memory.
+            self.pending.insert(key, body);
+            return;
+        }
+        self.known.insert(key, ());
+        let work = Work::Blob {
+            repository: repository.to_owned(),
+            digest: digest.to_owned(),
+            body,
+        };
+        self.enqueue(work, repository, digest);
+    }
+
     /// Keeps a manifest or blob seen in `repository` whose bytes the caller does not hold:
     /// the filler fetches it from the registry.
     pub fn keep_reference(
@@ -276,6 +333,11 @@ impl Vault {
             depth: 0,
         };
         self.enqueue(work, repository, digest);
+    }
+
+    /// The copied upload of `digest` in `repository`, if one is waiting.
+    pub(crate) fn take_pending(&self, repository: &str, digest: &str) -> Option<Bytes> {
+        self.pending.remove(&Self::key(repository, digest))
     }
 
     fn enqueue(&self, work: Work, repository: &str, digest: &str) {
