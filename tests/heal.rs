@@ -254,8 +254,15 @@ fn with_repair_the_registry_gets_the_child_back_and_integrity_empties(vault: Bac
 
     let child = img.image("arm64").manifest.digest.clone();
     reg.remove_revision_link("app/api", &child);
-    // A client asks for the child: the registry's 404 is the evidence, the vault answers,
-    // and the repairer puts the child back.
+    // A client pulls: the index, then the child. The registry's 404 is the evidence, the
+    // vault answers, and the repairer puts the child back.
+    let index = send(
+        "GET",
+        &format!("{}/v2/app/api/manifests/v1", rg.url()),
+        &[("accept", ACCEPT_ALL)],
+        Bytes::new(),
+    );
+    assert_eq!(index.status, 200);
     let r = get_child(&rg.url(), "app/api", &child, &[]);
     assert_eq!((r.status, r.header(FROM_VAULT)), (200, Some("vault")));
     let back = (0..600).any(|_| {
@@ -647,6 +654,109 @@ fn a_delete_through_regguard_is_not_undone_by_the_vault() {
         (404, None),
         "deleted on purpose"
     );
+}
+
+#[test]
+fn an_image_deleted_through_regguard_is_neither_served_nor_repaired_after_a_gc() {
+    let mut reg = Registry::start();
+    let vault = Backend::dir();
+    let rg = regguard(&reg.url(), &vault, &[("REGGUARD_HEAL_REPAIR", "true")]);
+    let img = oci::multi_arch("secret");
+    oci::push_multi_arch(&rg.url(), "team/secret", "v1", &img, &[]);
+    wait_kept(&vault, &digests(&img, false));
+    let index = img.index.digest.clone();
+    let r = send(
+        "DELETE",
+        &format!("{}/v2/team/secret/manifests/{index}", rg.url()),
+        &[],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    reg.stop();
+    reg.garbage_collect();
+    reg.start_again(None);
+    poll_until(WAIT, "regguard to see the registry back", || {
+        (rg.metric("regguard_upstream_up") == 1.0).then_some(())
+    });
+    let amd64 = img.image("amd64");
+    let config = &amd64.config.digest;
+    assert!(
+        !reg.blob_data_exists(config),
+        "the GC took the deleted image's config"
+    );
+    // Neither its config nor its children come back through regguard ...
+    let r = send(
+        "GET",
+        &format!("{}/v2/team/secret/blobs/{config}", rg.url()),
+        &[],
+        Bytes::new(),
+    );
+    assert_eq!((r.status, r.header(FROM_VAULT)), (404, None));
+    let r = get_child(&rg.url(), "team/secret", &amd64.manifest.digest, &[]);
+    assert_eq!((r.status, r.header(FROM_VAULT)), (404, None));
+    // ... nor into the registry.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!reg.has_blob("team/secret", config));
+    assert_eq!(
+        rg.metric(r#"regguard_heal_repairs_total{result="repaired"}"#),
+        0.0
+    );
+}
+
+#[test]
+fn a_blob_deleted_through_regguard_is_not_recorded_again_by_a_later_pull() {
+    let reg = Registry::start();
+    let vault = Backend::dir();
+    let rg = regguard(&reg.url(), &vault, &[]);
+    let img = oci::multi_arch("unlinked");
+    oci::push_multi_arch(&rg.url(), "team/app", "v1", &img, &[]);
+    wait_kept(&vault, &digests(&img, false));
+    let config = img.image("amd64").config.digest.clone();
+    let r = send(
+        "DELETE",
+        &format!("{}/v2/team/app/blobs/{config}", rg.url()),
+        &[],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    drop(rg);
+    // A fresh regguard (nothing in memory) on the same vault; a pull walks the image again:
+    // the child's record is refreshed (its mtime moves), its config is not recorded again.
+    let Backend::Dir(dir) = &vault else {
+        unreachable!()
+    };
+    let seen = dir.path().join("vault/repositories/team/app/_seen/sha256");
+    let child = img.image("amd64").manifest.digest.clone();
+    let mtime = |d: &str| {
+        std::fs::metadata(seen.join(&d[7..]))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let before = mtime(&child);
+    std::thread::sleep(Duration::from_millis(1100)); // a later mtime, on any filesystem
+    let rg = regguard(&reg.url(), &vault, &[]);
+    let r = send(
+        "GET",
+        &format!("{}/v2/team/app/manifests/{child}", rg.url()),
+        &[("accept", ACCEPT_ALL)],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 200);
+    poll_until(WAIT, "the pulled child to be recorded again", || {
+        (mtime(&child) != before).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500)); // its references follow it in the queue
+    assert!(
+        mtime(&config).is_none(),
+        "the deleted config was recorded again"
+    );
+    let r = send(
+        "GET",
+        &format!("{}/v2/team/app/blobs/{config}", rg.url()),
+        &[],
+        Bytes::new(),
+    );
+    assert_eq!((r.status, r.header(FROM_VAULT)), (404, None));
 }
 
 #[test]

@@ -45,9 +45,11 @@ pub struct HealOutcome {
 impl HealOutcome {
     /// All repaired (or nothing to repair), and the scan saw everything.
     pub fn all_repaired(&self) -> bool {
-        self.actions
-            .iter()
-            .all(|a| matches!(a.result, "repaired" | "would repair" | "intact"))
+        self.scan_errors == 0
+            && self
+                .actions
+                .iter()
+                .all(|a| matches!(a.result, "repaired" | "would repair" | "intact"))
     }
 
     pub fn render_text(&self) -> String {
@@ -211,6 +213,6 @@ fn open_vault(vault: &str, aws: Vec<(String, String)>) -> Result<Arc<Vault>, Pro
     let mut vault_settings = settings.vault.clone();
     vault_settings.location = Some(location);
     vault_settings.aws = aws;
-    Vault::open(vault_settings, None, &prometheus::Registry::new())
+    Vault::open_existing(vault_settings, &prometheus::Registry::new())
         .map_err(|e| Problem::Other(format!("--vault: {e}")))
 }

@@ -415,6 +415,11 @@ impl Repairer {
         if head.status() == StatusCode::NOT_FOUND {
             return Ok(false);
         }
+        // A storage backend that redirects blob reads (S3, GCS, the redirect middleware):
+        // the registry has the blob; its bytes live behind the redirect.
+        if head.status().is_redirection() {
+            return Ok(true);
+        }
         let resp = self
             .send(
                 self.request(Method::GET, &path, UpstreamBody::empty())?,

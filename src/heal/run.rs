@@ -23,6 +23,11 @@ const REPAIR_EVERY: Duration = Duration::from_secs(2);
 /// sooner.
 const UNREPAIRABLE_RETRY: Duration = Duration::from_secs(300);
 const FAILED_RETRY: Duration = Duration::from_secs(30);
+/// A reference found intact (the registry has it again, or a 404 was not a loss) is not
+/// planned again for this long: planning reads every blob of the image.
+const INTACT_RETRY: Duration = Duration::from_secs(300);
+/// From a client served a loss to the repairer reading the integrity state.
+const SETTLE: Duration = Duration::from_millis(200);
 /// How often the vault is pruned (and its gauges recounted).
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Losses served from the vault waiting for the repairer.
@@ -94,6 +99,10 @@ pub fn start(
             let vault = vault.clone();
             async move {
                 loop {
+                    let swept = vault.store().sweep_staging(Duration::from_secs(3600));
+                    if swept > 0 {
+                        tracing::info!(swept, "vault: removed staging files a crash left behind");
+                    }
                     match vault.prune().await {
                         Ok(r) => tracing::debug!(?r, "vault pruned"),
                         Err(e) => {
@@ -150,22 +159,24 @@ async fn repair_loop(
     let mut attempted: HashMap<(String, String), (Instant, Duration)> = HashMap::new();
     let mut served = served.lock().await;
     loop {
-        // Every few seconds, or at once when a client was served a loss.
-        let mut lost: Vec<(String, String, RefKind)> = Vec::new();
+        // Every few seconds, or at once when a client was served a loss. Only what the
+        // integrity state holds is repaired: a reference some live index (or image) makes.
+        // A digest served from the vault that nothing references any more (an untagged
+        // image a garbage collection took on purpose) is served, not pushed back.
         tokio::select! {
             () = tokio::time::sleep(REPAIR_EVERY) => {}
-            Some(one) = served.recv() => lost.push(one),
+            Some(_) = served.recv() => {
+                // Give the evidence of that 404 a moment to reach the integrity state.
+                tokio::time::sleep(SETTLE).await;
+            }
         }
-        while let Ok(one) = served.try_recv() {
-            lost.push(one);
-        }
+        while served.try_recv().is_ok() {}
         let entries = integrity.snapshot();
         attempted.retain(|_, (at, wait)| at.elapsed() < *wait);
-        lost.extend(
-            entries
-                .iter()
-                .map(|b| (b.repository.clone(), b.child_digest.clone(), b.kind)),
-        );
+        let mut lost: Vec<(String, String, RefKind)> = entries
+            .iter()
+            .map(|b| (b.repository.clone(), b.child_digest.clone(), b.kind))
+            .collect();
         lost.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         lost.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
         for (repository, digest, kind) in lost {
@@ -182,7 +193,11 @@ async fn repair_loop(
                 metrics.repaired(result);
             }
             match outcome {
-                Outcome::Repaired(_) | Outcome::Intact => {
+                Outcome::Intact => {
+                    tracing::debug!(%repository, %digest, "nothing to repair: the registry serves it intact");
+                    attempted.insert(key, (Instant::now(), INTACT_RETRY));
+                }
+                Outcome::Repaired(_) => {
                     tracing::info!(%repository, %digest, "repaired from the vault and read back intact");
                     checker.forget(&repository, &digest).await;
                     integrity.note_repair(&repository, &digest, None);

@@ -131,7 +131,7 @@ impl Proxy {
         if resp.status() == StatusCode::CREATED {
             if let Some(vault) = &self.vault {
                 let media_type = pushed.content_type.as_deref().unwrap_or("");
-                vault.keep_manifest(
+                vault.keep_pushed_manifest(
                     &pushed.repo,
                     &pushed.digest,
                     media_type,

@@ -185,15 +185,20 @@ fn manifest_response(ask: &VaultAsk, media_type: &str, bytes: Bytes) -> Response
     resp
 }
 
-/// Whether a client sending `accept` would get `media_type` from the registry: OCI types only
-/// when named (registry 2.8's rule), Docker types always.
+/// Whether a client sending `accept` would get a manifest of `media_type` from the registry:
+/// only the four manifest types at all; OCI types only when `Accept` names them, spelled
+/// exactly (registry 2.8 compares them case-sensitively); Docker types always.
 fn accepts(accept: Option<&HeaderValue>, media_type: &str) -> bool {
-    if !media_type.starts_with("application/vnd.oci.") {
-        return true;
+    match media_type {
+        oci::DOCKER_LIST | oci::DOCKER_MANIFEST => true,
+        oci::OCI_INDEX | oci::OCI_MANIFEST => {
+            accept.and_then(|a| a.to_str().ok()).is_some_and(|a| {
+                a.split(',')
+                    .any(|t| oci::media_type_essence(t) == media_type)
+            })
+        }
+        _ => false,
     }
-    accept
-        .and_then(|a| a.to_str().ok())
-        .is_some_and(|a| a.split(',').any(|t| oci::same_media_type(t, media_type)))
 }
 
 /// A client's `Range`, read against a blob of `size` bytes.
@@ -289,7 +294,39 @@ fn checked(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_range, Range};
+    use super::{accepts, parse_range, Range};
+    use crate::oci;
+    use http::HeaderValue;
+
+    #[test]
+    fn a_manifest_goes_only_to_a_client_the_registry_would_give_it_to() {
+        let values: Vec<HeaderValue> = [
+            "*/*",
+            "application/vnd.oci.image.manifest.v1+json; q=0.9, */*",
+            "APPLICATION/VND.OCI.IMAGE.MANIFEST.V1+JSON",
+            "text/html",
+        ]
+        .into_iter()
+        .map(HeaderValue::from_static)
+        .collect();
+        let accept = |v: &str| values.iter().find(|h| h.to_str().ok() == Some(v));
+        assert!(accepts(None, oci::DOCKER_MANIFEST));
+        assert!(accepts(accept("*/*"), oci::DOCKER_LIST));
+        assert!(!accepts(None, oci::OCI_MANIFEST));
+        assert!(!accepts(accept("*/*"), oci::OCI_INDEX));
+        assert!(accepts(
+            accept("application/vnd.oci.image.manifest.v1+json; q=0.9, */*"),
+            oci::OCI_MANIFEST
+        ));
+        // Registry 2.8 matches the type as spelled.
+        assert!(!accepts(
+            accept("APPLICATION/VND.OCI.IMAGE.MANIFEST.V1+JSON"),
+            oci::OCI_MANIFEST
+        ));
+        // Never anything but a manifest type.
+        assert!(!accepts(accept("text/html"), "text/html"));
+        assert!(!accepts(None, ""));
+    }
 
     #[test]
     fn byte_ranges_read_as_rfc_9110_says() {

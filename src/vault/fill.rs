@@ -1,5 +1,9 @@
 //! The vault's filler: writes handed-over manifests (after checking their digest) and fetches
 //! what they reference from the registry, a bounded number at a time, off the request path.
+//!
+//! A digest deleted from a repository on purpose (a tombstone) is never recorded there again
+//! but by a push through regguard: the registry's 201 to a push is the only proof that it
+//! belongs there again.
 
 use std::sync::{Arc, Weak};
 
@@ -24,6 +28,8 @@ enum FillError {
     Registry(String),
     #[error("no registry to fetch from")]
     NoSource,
+    #[error("{0} is larger than its descriptor or the vault's limit allows")]
+    TooLarge(String),
 }
 
 pub(super) fn start(
@@ -40,6 +46,7 @@ pub(super) fn start(
                 return;
             };
             let Some(vault) = vault.upgrade() else { return };
+            vault.release(&work);
             let source = source.clone();
             tokio::spawn(async move {
                 let _permit = permit;
@@ -69,6 +76,22 @@ pub(super) fn start(
     });
 }
 
+/// Whether `digest` may be recorded in `repository`: not if it was deleted there on purpose,
+/// unless this is a push (which lifts the tombstone).
+async fn allowed(
+    vault: &Vault,
+    repository: &str,
+    digest: &str,
+    pushed: bool,
+) -> Result<bool, FillError> {
+    let tombstoned = vault.store.is_tombstoned(repository, digest).await?;
+    if tombstoned && pushed {
+        vault.store.clear_tombstone(repository, digest).await?;
+        return Ok(true);
+    }
+    Ok(!tombstoned)
+}
+
 async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(), FillError> {
     match work {
         Work::Manifest {
@@ -78,12 +101,24 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
             body,
             auth,
             depth,
-        } => keep_manifest(vault, &repository, &digest, &media_type, body, auth, depth).await,
+            pushed,
+        } => {
+            let kept = Kept {
+                repository: &repository,
+                digest: &digest,
+                auth,
+                depth,
+                pushed,
+            };
+            keep_manifest(vault, kept, &media_type, body).await
+        }
         Work::Blob {
             repository,
             digest,
             body,
         } => {
+            // A blob upload the registry accepted: a push.
+            allowed(vault, &repository, &digest, true).await?;
             let size = body.len() as u64;
             if vault.store.content_size(&digest).await?.is_none() {
                 vault.store.put_bytes(&digest, body).await?;
@@ -104,22 +139,38 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
             kind: RefKind::Manifest,
             auth,
             depth,
+            pushed,
             ..
         } => {
-            let body = match vault
+            if !allowed(vault, &repository, &digest, pushed).await? {
+                return Ok(());
+            }
+            let (body, served_as) = match vault
                 .store
                 .read_verified(&digest, MAX_MANIFEST_BYTES as u64)
                 .await
             {
-                Ok(Some(body)) => body,
+                Ok(Some(body)) => (body, None),
                 // Not held (or held damaged: fetch it again, which replaces it).
                 Ok(None) | Err(super::StoreError::Corrupt { .. }) => {
                     vault.metrics.fetches.with_label_values(&["manifest"]).inc();
-                    fetch_manifest(source, &repository, &digest, auth.as_ref()).await?
+                    let (body, served_as) =
+                        fetch_manifest(source, &repository, &digest, auth.as_ref()).await?;
+                    (body, Some(served_as))
                 }
                 Err(e) => return Err(e.into()),
             };
-            keep_manifest(vault, &repository, &digest, &media_type, body, auth, depth).await
+            // The type the registry serves it with, else the one the parent's descriptor
+            // claims (keep_manifest prefers what the body itself says).
+            let media_type = served_as.unwrap_or(media_type);
+            let kept = Kept {
+                repository: &repository,
+                digest: &digest,
+                auth,
+                depth,
+                pushed,
+            };
+            keep_manifest(vault, kept, &media_type, body).await
         }
         Work::Reference {
             repository,
@@ -128,15 +179,19 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
             kind: RefKind::Blob,
             size,
             auth,
+            pushed,
             ..
         } => {
+            if !allowed(vault, &repository, &digest, pushed).await? {
+                return Ok(());
+            }
             if vault.store.content_size(&digest).await?.is_none() {
                 // Copied as it was uploaded: no need to read it back (unless the copy is wrong).
                 let copied = match vault.take_pending(&repository, &digest) {
                     Some(body) => {
-                        let size = body.len() as u64;
+                        let n = body.len() as u64;
                         match vault.store.put_bytes(&digest, body).await {
-                            Ok(()) => Some(size),
+                            Ok(()) => Some(n),
                             Err(super::StoreError::Mismatch { .. }) => {
                                 vault.metrics.verification_failures.inc();
                                 None
@@ -147,10 +202,18 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
                     None => None,
                 };
                 let written = match copied {
-                    Some(size) => size,
+                    Some(n) => n,
                     None => {
                         vault.metrics.fetches.with_label_values(&["blob"]).inc();
-                        fetch_blob(vault, source, &repository, &digest, auth.as_ref()).await?
+                        // No more than the descriptor says (and, for configs, the vault's
+                        // limit): a descriptor that understates its blob keeps nothing.
+                        let limit = if vault.settings.layers {
+                            size
+                        } else {
+                            size.min(vault.settings.max_blob_size)
+                        };
+                        let got = (source, auth.as_ref());
+                        fetch_blob(vault, got, &repository, &digest, limit).await?
                     }
                 };
                 vault.metrics.wrote(RefKind::Blob, written);
@@ -166,20 +229,56 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
     }
 }
 
-async fn keep_manifest(
-    vault: &Vault,
-    repository: &str,
-    digest: &str,
-    media_type: &str,
-    body: Bytes,
+/// Where a manifest is being kept, and how it came.
+struct Kept<'a> {
+    repository: &'a str,
+    digest: &'a str,
     auth: Option<HeaderValue>,
     depth: u32,
+    pushed: bool,
+}
+
+/// The media type to record for a manifest: the one its body names, else the one it was
+/// served or pushed with, else the one its parent's descriptor claims; and only a manifest
+/// type (spelled as the specification spells it), or nothing.
+fn manifest_media_type(body: &[u8], given: &str) -> String {
+    let named = crate::oci::body_media_type(body).unwrap_or_default();
+    let chosen = [named.as_str(), crate::oci::media_type_essence(given)]
+        .into_iter()
+        .find_map(canonical_manifest_type)
+        .unwrap_or_default();
+    chosen
+}
+
+fn canonical_manifest_type(media_type: &str) -> Option<String> {
+    [
+        crate::oci::OCI_INDEX,
+        crate::oci::OCI_MANIFEST,
+        crate::oci::DOCKER_LIST,
+        crate::oci::DOCKER_MANIFEST,
+    ]
+    .into_iter()
+    .find(|t| t.eq_ignore_ascii_case(media_type))
+    .map(str::to_owned)
+}
+
+async fn keep_manifest(
+    vault: &Vault,
+    kept: Kept<'_>,
+    media_type: &str,
+    body: Bytes,
 ) -> Result<(), FillError> {
-    let media_type = if media_type.is_empty() {
-        crate::oci::body_media_type(&body).unwrap_or_default()
-    } else {
-        crate::oci::media_type_essence(media_type).to_owned()
-    };
+    let Kept {
+        repository,
+        digest,
+        auth,
+        depth,
+        pushed,
+    } = kept;
+    if !allowed(vault, repository, digest, pushed).await? {
+        return Ok(());
+    }
+    let media_type = manifest_media_type(&body, media_type);
     let (found, parsed) =
         crate::checker::digest_and_parse(body.clone(), super::hint(&media_type)).await;
     if found != digest {
@@ -205,6 +304,7 @@ async fn keep_manifest(
         return Ok(());
     }
     for (child, media_type, kind, size) in references(&manifest, &vault.settings) {
+        // Known means recorded within the hour, so not tombstoned (a delete forgets it).
         if !vault.wants(repository, &child) {
             continue;
         }
@@ -217,13 +317,18 @@ async fn keep_manifest(
             size,
             auth: auth.clone(),
             depth: depth + 1,
+            pushed,
         };
         vault.enqueue(work, repository, &child);
     }
     Ok(())
 }
 
-/// GET from the registry as whoever caused the fill, else with the heal credentials.
+/// Redirects followed at most (storage backends redirect blob reads to their own URLs).
+const MAX_REDIRECTS: usize = 1;
+
+/// GET from the registry as whoever caused the fill, else with the heal credentials; one
+/// redirect is followed, without credentials if it leaves the registry's host.
 async fn get(
     source: Option<&Source>,
     path: &str,
@@ -246,10 +351,16 @@ async fn get(
         .map_err(|e| FillError::Registry(e.to_string()))?;
         req.headers_mut()
             .insert(header::ACCEPT, crate::oci::accept_all());
-        let resp = tokio::time::timeout(source.timeout, source.client.request(req))
-            .await
-            .map_err(|_| FillError::Registry(format!("no answer within {:?}", source.timeout)))?
-            .map_err(|e| FillError::Registry(e.to_string()))?;
+        let mut resp = send(source, req).await?;
+        for _ in 0..MAX_REDIRECTS {
+            if !resp.status().is_redirection() {
+                break;
+            }
+            let Some(next) = redirect(source, &resp, a) else {
+                break;
+            };
+            resp = send(source, next).await?;
+        }
         match resp.status() {
             StatusCode::OK => return Ok(resp),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => continue,
@@ -261,12 +372,55 @@ async fn get(
     )))
 }
 
+async fn send(
+    source: &Source,
+    req: http::Request<UpstreamBody>,
+) -> Result<http::Response<hyper::body::Incoming>, FillError> {
+    tokio::time::timeout(source.timeout, source.client.request(req))
+        .await
+        .map_err(|_| FillError::Registry(format!("no answer within {:?}", source.timeout)))?
+        .map_err(|e| FillError::Registry(e.to_string()))
+}
+
+/// The request a redirect points to: its `Location` (absolute, or a path on the registry),
+/// with the credentials only if it stays on the registry's host.
+fn redirect(
+    source: &Source,
+    resp: &http::Response<hyper::body::Incoming>,
+    auth: Option<&HeaderValue>,
+) -> Option<http::Request<UpstreamBody>> {
+    let location = resp.headers().get(header::LOCATION)?.to_str().ok()?;
+    if location.starts_with('/') {
+        return own_request(
+            &source.upstream,
+            Method::GET,
+            location,
+            auth,
+            UpstreamBody::empty(),
+        )
+        .ok();
+    }
+    let uri: http::Uri = location.parse().ok()?;
+    let authority = uri.authority()?.clone();
+    let same_host = authority == source.upstream.authority;
+    let mut req = http::Request::get(uri)
+        .header(header::HOST, authority.as_str())
+        .header(header::USER_AGENT, crate::upstream::user_agent())
+        .body(UpstreamBody::empty())
+        .ok()?;
+    if let (true, Some(a)) = (same_host, auth) {
+        req.headers_mut().insert(header::AUTHORIZATION, a.clone());
+    }
+    Some(req)
+}
+
+/// A manifest from the registry, and the type it was served with.
 async fn fetch_manifest(
     source: Option<&Source>,
     repository: &str,
     digest: &str,
     auth: Option<&HeaderValue>,
-) -> Result<Bytes, FillError> {
+) -> Result<(Bytes, String), FillError> {
     let timeout = source.map_or(std::time::Duration::from_secs(30), |s| s.timeout);
     let resp = get(
         source,
@@ -274,6 +428,12 @@ async fn fetch_manifest(
         auth,
     )
     .await?;
+    let served_as = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| crate::oci::media_type_essence(v).to_owned())
+        .unwrap_or_default();
     let body = tokio::time::timeout(
         timeout,
         Limited::new(resp.into_body(), MAX_MANIFEST_BYTES).collect(),
@@ -281,16 +441,17 @@ async fn fetch_manifest(
     .await
     .map_err(|_| FillError::Registry("manifest body too slow".into()))?
     .map_err(|e| FillError::Registry(format!("reading manifest: {e}")))?;
-    Ok(body.to_bytes())
+    Ok((body.to_bytes(), served_as))
 }
 
-/// Streams a blob from the registry into the vault; visible only if it hashes to `digest`.
+/// Streams a blob from the registry into the vault; visible only if it hashes to `digest`,
+/// and abandoned past `limit` bytes.
 async fn fetch_blob(
     vault: &Vault,
-    source: Option<&Source>,
+    (source, auth): (Option<&Source>, Option<&HeaderValue>),
     repository: &str,
     digest: &str,
-    auth: Option<&HeaderValue>,
+    limit: u64,
 ) -> Result<u64, FillError> {
     let timeout = source.map_or(std::time::Duration::from_secs(30), |s| s.timeout);
     let resp = get(source, &format!("/v2/{repository}/blobs/{digest}"), auth).await?;
@@ -311,6 +472,10 @@ async fn fetch_blob(
             }
         };
         if let Ok(data) = frame.into_data() {
+            if upload.written() + data.len() as u64 > limit {
+                upload.abort().await;
+                return Err(FillError::TooLarge(digest.to_owned()));
+            }
             if let Err(e) = upload.write(&data).await {
                 upload.abort().await;
                 return Err(e.into());

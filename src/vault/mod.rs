@@ -154,6 +154,8 @@ pub(crate) enum Work {
         body: Bytes,
         auth: Option<HeaderValue>,
         depth: u32,
+        /// Pushed through regguard (the registry answered 201): lifts tombstones.
+        pushed: bool,
     },
     /// A blob's bytes, copied as they were uploaded to `repository`.
     Blob {
@@ -170,6 +172,8 @@ pub(crate) enum Work {
         size: u64,
         auth: Option<HeaderValue>,
         depth: u32,
+        /// Named by a manifest pushed through regguard: lifts tombstones.
+        pushed: bool,
     },
 }
 
@@ -182,11 +186,17 @@ pub struct Vault {
     /// Blobs verified recently (hashing a layer on every Range request would be wasteful).
     verified: moka::sync::Cache<Arc<str>, u64>,
     queue: mpsc::Sender<Work>,
+    /// Bytes of bodies waiting in `queue` (bounded by [`QUEUED_BYTES`]).
+    queued_bytes: std::sync::atomic::AtomicUsize,
     /// Blobs copied from uploads, waiting for a manifest to say they are configs (with
     /// `layers` off, only configs are kept; the rest expire here unwritten).
     pending: moka::sync::Cache<(Arc<str>, Arc<str>), Bytes>,
     pub metrics: VaultMetrics,
 }
+
+/// Manifest and blob bytes waiting in the filler's queue, at most; past it a manifest is
+/// queued without its body (the filler fetches it) and a blob copy is dropped.
+const QUEUED_BYTES: usize = 128 * 1024 * 1024;
 
 /// Bytes of uploaded blobs waiting for their manifest, at most, and for how long.
 const PENDING_BYTES: u64 = 64 * 1024 * 1024;
@@ -212,6 +222,28 @@ impl Vault {
             .clone()
             .ok_or(VaultOpenError::NotConfigured)?;
         let store = Store::open(&location, &settings.aws)?;
+        Self::with_store(store, settings, source, registry)
+    }
+
+    /// Opens an existing vault only to read from it (the CLI): nothing is created.
+    pub fn open_existing(
+        settings: VaultSettings,
+        registry: &Registry,
+    ) -> Result<Arc<Self>, VaultOpenError> {
+        let location = settings
+            .location
+            .clone()
+            .ok_or(VaultOpenError::NotConfigured)?;
+        let store = Store::open_existing(&location, &settings.aws)?;
+        Self::with_store(store, settings, None, registry)
+    }
+
+    fn with_store(
+        store: Store,
+        settings: VaultSettings,
+        source: Option<Source>,
+        registry: &Registry,
+    ) -> Result<Arc<Self>, VaultOpenError> {
         let metrics = VaultMetrics::new(registry)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let vault = Arc::new(Vault {
@@ -226,6 +258,7 @@ impl Vault {
                 .time_to_live(VERIFIED_FOR)
                 .build(),
             queue: tx,
+            queued_bytes: std::sync::atomic::AtomicUsize::new(0),
             pending: moka::sync::Cache::builder()
                 .max_capacity(PENDING_BYTES)
                 .weigher(|_: &(Arc<str>, Arc<str>), b: &Bytes| {
@@ -251,8 +284,8 @@ impl Vault {
         (Arc::from(repository), Arc::from(digest))
     }
 
-    /// Keeps a manifest seen in `repository` (pushed, served, or fetched), and in time what
-    /// it references. Never waits: the bytes are hashed and written by the filler.
+    /// Keeps a manifest seen in `repository` (served, or fetched by a check), and in time
+    /// what it references. Never waits: the bytes are hashed and written by the filler.
     pub fn keep_manifest(
         &self,
         repository: &str,
@@ -260,6 +293,32 @@ impl Vault {
         media_type: &str,
         body: Bytes,
         auth: Option<&HeaderValue>,
+    ) {
+        self.keep(repository, digest, media_type, body, auth, false);
+    }
+
+    /// Keeps a manifest the registry just accepted from a push through regguard: it, and what
+    /// it references, are recorded even if they were deleted from `repository` before.
+    pub fn keep_pushed_manifest(
+        &self,
+        repository: &str,
+        digest: &str,
+        media_type: &str,
+        body: Bytes,
+        auth: Option<&HeaderValue>,
+    ) {
+        self.known.invalidate(&Self::key(repository, digest));
+        self.keep(repository, digest, media_type, body, auth, true);
+    }
+
+    fn keep(
+        &self,
+        repository: &str,
+        digest: &str,
+        media_type: &str,
+        body: Bytes,
+        auth: Option<&HeaderValue>,
+        pushed: bool,
     ) {
         if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
             return;
@@ -269,15 +328,60 @@ impl Vault {
             return;
         }
         self.known.insert(key, ());
-        let work = Work::Manifest {
-            repository: repository.to_owned(),
-            digest: digest.to_owned(),
-            media_type: media_type.to_owned(),
-            body,
-            auth: auth.cloned(),
-            depth: 0,
+        let work = if self.reserve(body.len()) {
+            Work::Manifest {
+                repository: repository.to_owned(),
+                digest: digest.to_owned(),
+                media_type: media_type.to_owned(),
+                body,
+                auth: auth.cloned(),
+                depth: 0,
+                pushed,
+            }
+        } else {
+            // The queue holds enough bytes: the filler fetches this one by digest.
+            Work::Reference {
+                repository: repository.to_owned(),
+                digest: digest.to_owned(),
+                media_type: media_type.to_owned(),
+                kind: RefKind::Manifest,
+                size: 0,
+                auth: auth.cloned(),
+                depth: 0,
+                pushed,
+            }
         };
         self.enqueue(work, repository, digest);
+    }
+
+    /// Counts `n` body bytes into the queue, if there is room.
+    fn reserve(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut now = self.queued_bytes.load(Ordering::Relaxed);
+        loop {
+            if now + n > QUEUED_BYTES {
+                return false;
+            }
+            match self.queued_bytes.compare_exchange_weak(
+                now,
+                now + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
+    /// Gives back what [`Vault::reserve`] counted, when the work is taken off the queue.
+    pub(crate) fn release(&self, work: &Work) {
+        let n = match work {
+            Work::Manifest { body, .. } | Work::Blob { body, .. } => body.len(),
+            Work::Reference { .. } => 0,
+        };
+        self.queued_bytes
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Keeps a blob uploaded to `repository` whose bytes were copied as they streamed (written
@@ -295,6 +399,9 @@ impl Vault {
             // A config or a layer? The manifest will say; until then it waits in memory.
             self.pending.insert(key, body);
             return;
+        }
+        if !self.reserve(body.len()) {
+            return; // the filler fetches it when its manifest is kept
         }
         self.known.insert(key, ());
         let work = Work::Blob {
@@ -331,6 +438,7 @@ impl Vault {
             size: 0,
             auth: auth.cloned(),
             depth: 0,
+            pushed: false,
         };
         self.enqueue(work, repository, digest);
     }
@@ -341,7 +449,11 @@ impl Vault {
     }
 
     fn enqueue(&self, work: Work, repository: &str, digest: &str) {
-        if self.queue.try_send(work).is_err() {
+        if let Err(e) = self.queue.try_send(work) {
+            let work = match e {
+                mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w) => w,
+            };
+            self.release(&work);
             self.metrics.dropped.inc();
             self.known.invalidate(&Self::key(repository, digest));
         }
@@ -355,11 +467,53 @@ impl Vault {
 
     /// Forgets that `digest` was seen in `repository`: it was deleted on purpose (a DELETE
     /// through regguard, or the registry's delete notification), and must not come back.
+    /// A deleted manifest also takes what it references out of `repository`'s records (an
+    /// image that shares them is recorded again when it is next seen; a deleted image's
+    /// config or layers are never served back after a garbage collection).
     pub async fn forget(&self, repository: &str, digest: &str) {
-        self.known.invalidate(&Self::key(repository, digest));
-        if let Err(e) = self.store.forget_seen(repository, digest).await {
+        let mut gone = vec![digest.to_owned()];
+        let mut walked = 0;
+        let mut i = 0;
+        while let Some(d) = gone.get(i).cloned() {
+            i += 1;
+            if walked >= crate::checker::DEFAULT_MAX_REFERENCES {
+                break;
+            }
+            let Ok(Some(seen)) = self.store.seen(repository, &d).await else {
+                continue;
+            };
+            if seen.kind != RefKind::Manifest {
+                continue;
+            }
+            let Ok(Some(body)) = self
+                .store
+                .read_verified(&d, crate::oci::MAX_MANIFEST_BYTES as u64)
+                .await
+            else {
+                continue;
+            };
+            if let Ok(m) = crate::oci::Manifest::parse(&body, hint(&seen.media_type)) {
+                for r in m.references() {
+                    walked += 1;
+                    if !gone.contains(&r.digest) {
+                        gone.push(r.digest.clone());
+                    }
+                }
+            }
+        }
+        // The digest deleted is tombstoned: nothing records it there again but a push.
+        if let Err(e) = self.store.tombstone(repository, digest).await {
             self.metrics.errors.inc();
-            tracing::warn!(%repository, %digest, error = %e, "vault: cannot forget a deleted reference");
+            tracing::warn!(%repository, %digest, error = %e, "vault: cannot record a delete");
+        }
+        for d in &gone {
+            let key = Self::key(repository, d);
+            self.known.invalidate(&key);
+            self.pending.invalidate(&key);
+            if let Err(e) = self.store.forget_seen(repository, d).await {
+                self.metrics.errors.inc();
+                tracing::warn!(%repository, digest = %d, error = %e, "vault: cannot forget a deleted reference");
+            }
         }
     }
 

@@ -111,6 +111,15 @@ fn seen_path(repository: &str, digest: &str) -> Result<Path, StoreError> {
     ))
 }
 
+fn deleted_path(repository: &str, digest: &str) -> Result<Path, StoreError> {
+    let hex = hex_of(digest)?;
+    Ok(Path::from_iter(
+        std::iter::once("repositories")
+            .chain(repository.split('/'))
+            .chain(["_deleted", "sha256", hex]),
+    ))
+}
+
 fn is_not_found(e: &object_store::Error) -> bool {
     matches!(e, object_store::Error::NotFound { .. })
 }
@@ -119,11 +128,37 @@ impl Store {
     /// Opens (for a directory: creates) the vault at `location`. `aws` are the process's
     /// `AWS_*` variables (credentials, region, endpoint, `AWS_ALLOW_HTTP`), for S3.
     pub fn open(location: &Location, aws: &[(String, String)]) -> Result<Self, StoreError> {
+        Self::open_with(location, aws, true)
+    }
+
+    /// Opens an existing vault to read from (`regguard heal`, `check --vault`): a directory
+    /// that does not exist is an error, not created, and need not be writable.
+    pub fn open_existing(
+        location: &Location,
+        aws: &[(String, String)],
+    ) -> Result<Self, StoreError> {
+        Self::open_with(location, aws, false)
+    }
+
+    fn open_with(
+        location: &Location,
+        aws: &[(String, String)],
+        create: bool,
+    ) -> Result<Self, StoreError> {
         let failed = |reason: String| StoreError::Open {
             location: location.to_string(),
             reason,
         };
         let inner: Arc<dyn ObjectStore> = match location {
+            Location::Dir(dir) if !create => {
+                if !dir.is_dir() {
+                    return Err(failed("no such directory".into()));
+                }
+                Arc::new(
+                    object_store::local::LocalFileSystem::new_with_prefix(dir)
+                        .map_err(|e| failed(e.to_string()))?,
+                )
+            }
             Location::Dir(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
                 // Writable? A read-only default location must be found out now, not at the
@@ -318,6 +353,65 @@ impl Store {
             Err(e) if !is_not_found(&e) => Err(e.into()),
             _ => Ok(()),
         }
+    }
+
+    /// Records that `digest` was deleted from `repository` on purpose: it is not recorded
+    /// there again until a push through regguard brings it back.
+    pub async fn tombstone(&self, repository: &str, digest: &str) -> Result<(), StoreError> {
+        self.inner
+            .put(
+                &deleted_path(repository, digest)?,
+                PutPayload::from_static(b"{}"),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Whether `digest` was deleted from `repository` on purpose (see [`Store::tombstone`]).
+    pub async fn is_tombstoned(&self, repository: &str, digest: &str) -> Result<bool, StoreError> {
+        match self.inner.head(&deleted_path(repository, digest)?).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Lifts a tombstone: `digest` was pushed to `repository` again.
+    pub async fn clear_tombstone(&self, repository: &str, digest: &str) -> Result<(), StoreError> {
+        match self.inner.delete(&deleted_path(repository, digest)?).await {
+            Err(e) if !is_not_found(&e) => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes staging files (`<name>#<n>`) older than `age` that a crash left in a directory
+    /// vault: no read sees them, and nothing else would ever remove them. Returns how many.
+    pub fn sweep_staging(&self, age: std::time::Duration) -> usize {
+        let Location::Dir(root) = &self.location else {
+            return 0;
+        };
+        let mut removed = 0;
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let staged = entry.file_name().to_string_lossy().contains('#');
+                let old = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|e| e > age);
+                if staged && old && std::fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// Every stored content object.
