@@ -153,7 +153,7 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
                 Ok(Some(body)) => (body, None),
                 // Not held (or held damaged: fetch it again, which replaces it).
                 Ok(None) | Err(super::StoreError::Corrupt { .. }) => {
-                    vault.metrics.fetches.with_label_values(&["manifest"]).inc();
+                    vault.metrics.fetched(RefKind::Manifest);
                     let (body, served_as) =
                         fetch_manifest(source, &repository, &digest, auth.as_ref()).await?;
                     (body, Some(served_as))
@@ -204,7 +204,7 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
                 let written = match copied {
                     Some(n) => n,
                     None => {
-                        vault.metrics.fetches.with_label_values(&["blob"]).inc();
+                        vault.metrics.fetched(RefKind::Blob);
                         // No more than the descriptor says (and, for configs, the vault's
                         // limit): a descriptor that understates its blob keeps nothing.
                         let limit = if vault.settings.layers {

@@ -44,13 +44,13 @@ pub struct VaultMetrics {
     pub objects: IntGauge,
     pub bytes: IntGauge,
     writes: IntCounterVec,
-    pub hits: IntCounterVec,
+    hits: IntCounterVec,
     pub verification_failures: IntCounter,
     pub dropped: IntCounter,
     pub errors: IntCounter,
     pub pruned: IntCounter,
     /// Manifests and blobs the filler read from the registry (not handed over or copied).
-    pub fetches: IntCounterVec,
+    fetches: IntCounterVec,
 }
 
 impl VaultMetrics {
@@ -125,6 +125,14 @@ impl VaultMetrics {
             pruned,
             fetches,
         })
+    }
+
+    fn hit(&self, kind: RefKind) {
+        self.hits.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    fn fetched(&self, kind: RefKind) {
+        self.fetches.with_label_values(&[kind.as_str()]).inc();
     }
 
     fn wrote(&self, kind: RefKind, size: u64) {
@@ -535,7 +543,7 @@ impl Vault {
             .await
         {
             Ok(Some(bytes)) => {
-                self.metrics.hits.with_label_values(&["manifest"]).inc();
+                self.metrics.hit(RefKind::Manifest);
                 Ok(Some((seen, bytes)))
             }
             Ok(None) => Ok(None),
@@ -574,7 +582,7 @@ impl Vault {
             },
         };
         Ok(size.map(|size| {
-            self.metrics.hits.with_label_values(&["blob"]).inc();
+            self.metrics.hit(RefKind::Blob);
             (seen, size)
         }))
     }
