@@ -331,6 +331,40 @@ pin_project_lite::pin_project! {
         kind: ResponseKind,
         exchange: Option<Box<dyn ExchangeRecord>>,
         tap: Option<Tap>,
+        tee: Option<Tee>,
+    }
+}
+
+/// A streaming side copy of a response body (a layer the vault keeps as it is pulled): each
+/// frame is offered to a bounded channel and never waited for. If the channel is full (the
+/// copy falls behind), the copy is abandoned, not the client. `complete` is set only when the
+/// body reached its end.
+pub struct Tee {
+    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    complete: Arc<AtomicBool>,
+}
+
+impl Tee {
+    pub fn new(tx: tokio::sync::mpsc::Sender<Bytes>, complete: Arc<AtomicBool>) -> Self {
+        Tee {
+            tx: Some(tx),
+            complete,
+        }
+    }
+
+    fn push(&mut self, data: &Bytes) {
+        if let Some(tx) = &self.tx {
+            if tx.try_send(data.clone()).is_err() {
+                self.tx = None; // fell behind (or its writer is gone): abandoned
+            }
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if complete && self.tx.is_some() {
+            self.complete.store(true, Ordering::Release);
+        }
+        self.tx = None;
     }
 }
 
@@ -341,6 +375,7 @@ impl ResponseBody {
             kind: ResponseKind::Full { data: Some(data) },
             exchange: None,
             tap: None,
+            tee: None,
         }
     }
 
@@ -350,6 +385,7 @@ impl ResponseBody {
             kind: ResponseKind::Upstream { body },
             exchange: None,
             tap: None,
+            tee: None,
         }
     }
 
@@ -359,6 +395,7 @@ impl ResponseBody {
             kind: ResponseKind::Stream { body },
             exchange: None,
             tap: None,
+            tee: None,
         }
     }
 
@@ -373,6 +410,7 @@ impl ResponseBody {
             kind,
             exchange,
             tap,
+            tee,
         } = self;
         let kind = match kind {
             ResponseKind::Upstream { body } => ResponseKind::Relayed {
@@ -384,12 +422,18 @@ impl ResponseBody {
             kind,
             exchange,
             tap,
+            tee,
         }
     }
 
     /// Copies this (manifest) body aside for validation as it streams.
     pub fn tap(&mut self, tap: Tap) {
         self.tap = Some(tap);
+    }
+
+    /// Streams a copy of this (blob) body aside as it passes (see [`Tee`]).
+    pub fn tee(&mut self, tee: Tee) {
+        self.tee = Some(tee);
     }
 
     /// Hands the exchange record to the body, to be finished when the body is.
@@ -417,6 +461,21 @@ impl Body for ResponseBody {
         match this.kind.project() {
             ResponseKindProj::Upstream { mut body } => {
                 let polled = body.as_mut().poll_frame(cx);
+                if let Some(tee) = this.tee.as_mut() {
+                    match &polled {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Some(d) = frame.data_ref() {
+                                tee.push(d);
+                            }
+                            if body.is_end_stream() {
+                                tee.finish(true);
+                            }
+                        }
+                        Poll::Ready(None) => tee.finish(true),
+                        Poll::Ready(Some(Err(_))) => tee.finish(false),
+                        Poll::Pending => {}
+                    }
+                }
                 if let Some(tap) = this.tap.as_mut() {
                     match &polled {
                         Poll::Ready(Some(Ok(frame))) => {

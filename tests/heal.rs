@@ -845,9 +845,15 @@ fn sigkill_while_a_large_layer_streams_into_the_vault_leaves_nothing_partial_to_
     );
 
     let mut rg = regguard(&reg.url(), &vault, &[("REGGUARD_VAULT_LAYERS", "true")]);
-    // A pull of the manifest sets the vault's filler fetching the layer.
-    let r = get_child(&rg.url(), repo, "v1", &[]);
-    assert_eq!(r.status, 200);
+    // A client pulls the layer and reads it slowly: the vault's copy streams with it.
+    let mut client = std::net::TcpStream::connect(rg.public).unwrap();
+    let request = format!(
+        "GET /v2/{repo}/blobs/{layer} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        rg.host()
+    );
+    std::io::Write::write_all(&mut client, request.as_bytes()).unwrap();
+    let mut first = vec![0u8; 4 << 20];
+    std::io::Read::read_exact(&mut client, &mut first).unwrap();
     let Backend::Dir(dir) = &vault else {
         unreachable!()
     };
@@ -857,6 +863,7 @@ fn sigkill_while_a_large_layer_streams_into_the_vault_leaves_nothing_partial_to_
     });
     rg.proc.signal("KILL");
     rg.proc.wait_exit(Duration::from_secs(10));
+    drop(client);
     assert!(
         !vault.holds(&layer),
         "the partial layer is not visible under its digest"
@@ -872,6 +879,27 @@ fn sigkill_while_a_large_layer_streams_into_the_vault_leaves_nothing_partial_to_
         Bytes::new(),
     );
     assert_eq!((r.status, r.header(FROM_VAULT)), (404, None));
+}
+
+#[test]
+fn with_layers_on_a_pulled_layer_is_kept_from_the_stream_not_read_back() {
+    let reg = Registry::start();
+    let vault = Backend::dir();
+    // Pushed straight to the registry: regguard sees the image first when a client pulls it.
+    let img = oci::multi_arch("pulled-layers");
+    oci::push_multi_arch(&reg.url(), "app/pulled", "v1", &img, &[]);
+    let rg = regguard(&reg.url(), &vault, &[("REGGUARD_VAULT_LAYERS", "true")]);
+    skopeo_pull(&format!("docker://{}/app/pulled:v1", rg.host())).expect("a pull through regguard");
+    // Well within the filler's 30 s wait for layers: these came from the client's stream.
+    let all = digests(&img, true);
+    poll_until(Duration::from_secs(20), "the layers to be kept", || {
+        all.iter().all(|d| vault.holds(d)).then_some(())
+    });
+    let configs = img.children().len() as f64;
+    assert!(
+        rg.metric(r#"regguard_vault_fetches_total{kind="blob"}"#) <= configs,
+        "no layer was read back from the registry"
+    );
 }
 
 #[test]

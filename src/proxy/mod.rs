@@ -235,6 +235,13 @@ impl Proxy {
 
         let read = self.read_ctx(&req, &route).filter(|_| named);
         let ask = self.vault_ask(&req, &route).filter(|_| named);
+        // A whole blob GET (no Range): with `vault.layers`, copied into the vault as it streams.
+        let whole_blob = (named
+            && route_kind == RouteKind::Blob
+            && *req.method() == Method::GET
+            && self.vault.is_some()
+            && !req.headers().contains_key(header::RANGE))
+        .then(|| route.reference.unwrap_or("").to_owned());
         // A DELETE by digest that the registry carries out takes it out of the vault too: it
         // was deleted on purpose and must not be served back.
         let forgetting = (*req.method() == Method::DELETE
@@ -293,6 +300,15 @@ impl Proxy {
                     if let (Some(digest), Some(vault)) = (&forgetting, &self.vault) {
                         if resp.status() == StatusCode::ACCEPTED {
                             vault.forget(repository, digest).await;
+                        }
+                    }
+                    if let (Some(vault), Some(digest)) = (&self.vault, &whole_blob) {
+                        if resp.status() == StatusCode::OK
+                            && !resp.headers().contains_key(header::CONTENT_RANGE)
+                        {
+                            if let Some(tee) = vault.tee_blob(repository, digest) {
+                                resp.body_mut().tee(tee);
+                            }
                         }
                     }
                     if let Some(copy) = upload {

@@ -180,8 +180,33 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
             size,
             auth,
             pushed,
-            ..
+            wait_for_pull,
+            depth,
         } => {
+            if wait_for_pull {
+                // A layer: a client pulling the image usually streams it through regguard
+                // (and into the vault) first; try again later, off the queue meanwhile.
+                let later = Work::Reference {
+                    repository: repository.clone(),
+                    digest: digest.clone(),
+                    media_type,
+                    kind: RefKind::Blob,
+                    size,
+                    auth,
+                    depth,
+                    pushed,
+                    wait_for_pull: false,
+                };
+                vault
+                    .awaiting_pull
+                    .insert(Vault::key(&repository, &digest), ());
+                let queue = vault.queue.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(super::LAYER_DELAY).await;
+                    let _ = queue.try_send(later);
+                });
+                return Ok(());
+            }
             if !allowed(vault, &repository, &digest, pushed).await? {
                 return Ok(());
             }
@@ -303,7 +328,7 @@ async fn keep_manifest(
     if depth >= MAX_DEPTH {
         return Ok(());
     }
-    for (child, media_type, kind, size) in references(&manifest, &vault.settings) {
+    for (child, media_type, kind, size, layer) in references(&manifest, &vault.settings) {
         // Known means recorded within the hour, so not tombstoned (a delete forgets it).
         if !vault.wants(repository, &child) {
             continue;
@@ -318,6 +343,7 @@ async fn keep_manifest(
             auth: auth.clone(),
             depth: depth + 1,
             pushed,
+            wait_for_pull: layer,
         };
         vault.enqueue(work, repository, &child);
     }

@@ -25,6 +25,7 @@ use crate::oci::{ManifestKind, RefKind};
 use crate::upstream::UpstreamClient;
 
 mod fill;
+mod intake;
 pub mod store;
 
 pub use store::{Location, Seen, Store, StoreError};
@@ -182,6 +183,9 @@ pub(crate) enum Work {
         depth: u32,
         /// Named by a manifest pushed through regguard: lifts tombstones.
         pushed: bool,
+        /// A layer the filler should leave a client's pull to copy first (see [`LAYER_DELAY`]);
+        /// false once it has waited.
+        wait_for_pull: bool,
     },
 }
 
@@ -196,11 +200,24 @@ pub struct Vault {
     queue: mpsc::Sender<Work>,
     /// Bytes of bodies waiting in `queue` (bounded by [`QUEUED_BYTES`]).
     queued_bytes: std::sync::atomic::AtomicUsize,
+    /// Layers the filler put off for a client's pull to copy (see [`LAYER_DELAY`]).
+    awaiting_pull: moka::sync::Cache<(Arc<str>, Arc<str>), ()>,
+    /// Layer copies being written as clients pull them, at most [`TEE_COPIES`] at once.
+    tee_slots: Arc<tokio::sync::Semaphore>,
     /// Blobs copied from uploads, waiting for a manifest to say they are configs (with
     /// `layers` off, only configs are kept; the rest expire here unwritten).
     pending: moka::sync::Cache<(Arc<str>, Arc<str>), Bytes>,
     pub metrics: VaultMetrics,
 }
+
+/// Layers copied into the vault as clients pull them, at once at most; each copy may fall
+/// [`TEE_FRAMES`] frames behind its client before it is abandoned (to the filler).
+const TEE_COPIES: usize = 4;
+const TEE_FRAMES: usize = 16;
+/// With `layers` on, the filler waits this long before fetching a layer a kept manifest
+/// names: a client pulling the image usually streams it through regguard first, and that
+/// copy saves reading it from the registry twice.
+pub const LAYER_DELAY: Duration = Duration::from_secs(30);
 
 /// Manifest and blob bytes waiting in the filler's queue, at most; past it a manifest is
 /// queued without its body (the filler fetches it) and a blob copy is dropped.
@@ -267,6 +284,11 @@ impl Vault {
                 .build(),
             queue: tx,
             queued_bytes: std::sync::atomic::AtomicUsize::new(0),
+            tee_slots: Arc::new(tokio::sync::Semaphore::new(TEE_COPIES)),
+            awaiting_pull: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(LAYER_DELAY)
+                .build(),
             pending: moka::sync::Cache::builder()
                 .max_capacity(PENDING_BYTES)
                 .weigher(|_: &(Arc<str>, Arc<str>), b: &Bytes| {
@@ -290,181 +312,6 @@ impl Vault {
 
     fn key(repository: &str, digest: &str) -> (Arc<str>, Arc<str>) {
         (Arc::from(repository), Arc::from(digest))
-    }
-
-    /// Keeps a manifest seen in `repository` (served, or fetched by a check), and in time
-    /// what it references. Never waits: the bytes are hashed and written by the filler.
-    pub fn keep_manifest(
-        &self,
-        repository: &str,
-        digest: &str,
-        media_type: &str,
-        body: Bytes,
-        auth: Option<&HeaderValue>,
-    ) {
-        self.keep(repository, digest, media_type, body, auth, false);
-    }
-
-    /// Keeps a manifest the registry just accepted from a push through regguard: it, and what
-    /// it references, are recorded even if they were deleted from `repository` before.
-    pub fn keep_pushed_manifest(
-        &self,
-        repository: &str,
-        digest: &str,
-        media_type: &str,
-        body: Bytes,
-        auth: Option<&HeaderValue>,
-    ) {
-        self.known.invalidate(&Self::key(repository, digest));
-        self.keep(repository, digest, media_type, body, auth, true);
-    }
-
-    fn keep(
-        &self,
-        repository: &str,
-        digest: &str,
-        media_type: &str,
-        body: Bytes,
-        auth: Option<&HeaderValue>,
-        pushed: bool,
-    ) {
-        if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
-            return;
-        }
-        let key = Self::key(repository, digest);
-        if self.known.contains_key(&key) {
-            return;
-        }
-        self.known.insert(key, ());
-        let work = if self.reserve(body.len()) {
-            Work::Manifest {
-                repository: repository.to_owned(),
-                digest: digest.to_owned(),
-                media_type: media_type.to_owned(),
-                body,
-                auth: auth.cloned(),
-                depth: 0,
-                pushed,
-            }
-        } else {
-            // The queue holds enough bytes: the filler fetches this one by digest.
-            Work::Reference {
-                repository: repository.to_owned(),
-                digest: digest.to_owned(),
-                media_type: media_type.to_owned(),
-                kind: RefKind::Manifest,
-                size: 0,
-                auth: auth.cloned(),
-                depth: 0,
-                pushed,
-            }
-        };
-        self.enqueue(work, repository, digest);
-    }
-
-    /// Counts `n` body bytes into the queue, if there is room.
-    fn reserve(&self, n: usize) -> bool {
-        use std::sync::atomic::Ordering;
-        let mut now = self.queued_bytes.load(Ordering::Relaxed);
-        loop {
-            if now + n > QUEUED_BYTES {
-                return false;
-            }
-            match self.queued_bytes.compare_exchange_weak(
-                now,
-                now + n,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(actual) => now = actual,
-            }
-        }
-    }
-
-    /// Gives back what [`Vault::reserve`] counted, when the work is taken off the queue.
-    pub(crate) fn release(&self, work: &Work) {
-        let n = match work {
-            Work::Manifest { body, .. } | Work::Blob { body, .. } => body.len(),
-            Work::Reference { .. } => 0,
-        };
-        self.queued_bytes
-            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Keeps a blob uploaded to `repository` whose bytes were copied as they streamed (written
-    /// only if they hash to `digest`). With `layers` off it is written only once a kept
-    /// manifest names it as its config.
-    pub fn keep_blob(&self, repository: &str, digest: &str, body: Bytes) {
-        if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
-            return;
-        }
-        let key = Self::key(repository, digest);
-        if self.known.contains_key(&key) {
-            return;
-        }
-        if !self.settings.layers {
-            // A config or a layer? The manifest will say; until then it waits in memory.
-            self.pending.insert(key, body);
-            return;
-        }
-        if !self.reserve(body.len()) {
-            return; // the filler fetches it when its manifest is kept
-        }
-        self.known.insert(key, ());
-        let work = Work::Blob {
-            repository: repository.to_owned(),
-            digest: digest.to_owned(),
-            body,
-        };
-        self.enqueue(work, repository, digest);
-    }
-
-    /// Keeps a manifest or blob seen in `repository` whose bytes the caller does not hold:
-    /// the filler fetches it from the registry.
-    pub fn keep_reference(
-        &self,
-        repository: &str,
-        digest: &str,
-        media_type: &str,
-        kind: RefKind,
-        auth: Option<&HeaderValue>,
-    ) {
-        if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
-            return;
-        }
-        let key = Self::key(repository, digest);
-        if self.known.contains_key(&key) {
-            return;
-        }
-        self.known.insert(key, ());
-        let work = Work::Reference {
-            repository: repository.to_owned(),
-            digest: digest.to_owned(),
-            media_type: media_type.to_owned(),
-            kind,
-            size: 0,
-            auth: auth.cloned(),
-            depth: 0,
-            pushed: false,
-        };
-        self.enqueue(work, repository, digest);
-    }
-
-    /// The copied upload of `digest` in `repository`, if one is waiting.
-    pub(crate) fn take_pending(&self, repository: &str, digest: &str) -> Option<Bytes> {
-        self.pending.remove(&Self::key(repository, digest))
-    }
-
-    fn enqueue(&self, work: Work, repository: &str, digest: &str) {
-        if let Err(e) = self.queue.try_send(work) {
-            let work = match e {
-                mpsc::error::TrySendError::Full(w) | mpsc::error::TrySendError::Closed(w) => w,
-            };
-            self.release(&work);
-            self.metrics.dropped.inc();
-            self.known.invalidate(&Self::key(repository, digest));
-        }
     }
 
     /// Whether the vault should be handed this (repository, digest) now: false when it was
@@ -626,13 +473,14 @@ pub enum VaultOpenError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// What a manifest references that the vault keeps too: an index's children (manifests);
-/// an image's config, and with `layers` its layers (non-distributable layers, which carry
+/// What a manifest references that the vault keeps too (digest, media type, kind, size,
+/// whether it is a layer): an index's children (manifests); an image's config, and with
+/// `layers` its layers (non-distributable layers, which carry
 /// `urls`, are not in the registry).
 pub(crate) fn references(
     manifest: &crate::oci::Manifest,
     settings: &VaultSettings,
-) -> Vec<(String, String, RefKind, u64)> {
+) -> Vec<(String, String, RefKind, u64, bool)> {
     match manifest {
         crate::oci::Manifest::Index { manifests } => manifests
             .iter()
@@ -643,24 +491,28 @@ pub(crate) fn references(
                     d.media_type.clone(),
                     RefKind::Manifest,
                     d.size,
+                    false,
                 )
             })
             .collect(),
         crate::oci::Manifest::Image { config, layers } => {
-            let config = std::iter::once(config).filter(|c| c.size <= settings.max_blob_size);
+            let config =
+                std::iter::once((config, false)).filter(|(c, _)| c.size <= settings.max_blob_size);
             let layers = layers
                 .iter()
                 .filter(|_| settings.layers)
-                .filter(|l| l.urls.is_empty());
+                .filter(|l| l.urls.is_empty())
+                .map(|l| (l, true));
             config
                 .chain(layers)
-                .filter(|d| crate::oci::is_sha256_digest(&d.digest))
-                .map(|d| {
+                .filter(|(d, _)| crate::oci::is_sha256_digest(&d.digest))
+                .map(|(d, layer)| {
                     (
                         d.digest.clone(),
                         d.media_type.clone(),
                         RefKind::Blob,
                         d.size,
+                        layer,
                     )
                 })
                 .collect()
