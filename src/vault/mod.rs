@@ -200,6 +200,8 @@ pub struct Vault {
     queue: mpsc::Sender<Work>,
     /// Bytes of bodies waiting in `queue` (bounded by [`QUEUED_BYTES`]).
     queued_bytes: std::sync::atomic::AtomicUsize,
+    /// Damaged objects logged within the hour.
+    complained: moka::sync::Cache<Arc<str>, ()>,
     /// Layers the filler put off for a client's pull to copy (see [`LAYER_DELAY`]).
     awaiting_pull: moka::sync::Cache<(Arc<str>, Arc<str>), ()>,
     /// Layer copies being written as clients pull them, at most [`TEE_COPIES`] at once.
@@ -285,6 +287,10 @@ impl Vault {
             queue: tx,
             queued_bytes: std::sync::atomic::AtomicUsize::new(0),
             tee_slots: Arc::new(tokio::sync::Semaphore::new(TEE_COPIES)),
+            complained: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
             awaiting_pull: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(LAYER_DELAY)
@@ -446,8 +452,12 @@ impl Vault {
             StoreError::Corrupt { digest, found } => {
                 self.metrics.verification_failures.inc();
                 self.verified.invalidate(digest.as_str());
-                tracing::error!(%digest, %found, location = %self.store.location(),
-                    "vault object does not match its digest: not served (remove it; it will be kept again when next seen)");
+                // Once an hour per object: a damaged object asked for in a loop is one line.
+                if !self.complained.contains_key(digest.as_str()) {
+                    self.complained.insert(Arc::from(digest.as_str()), ());
+                    tracing::error!(%digest, %found, location = %self.store.location(),
+                        "vault object does not match its digest: not served (remove it; it will be kept again when next seen)");
+                }
             }
             _ => self.metrics.errors.inc(),
         }
