@@ -205,6 +205,7 @@ impl Relay {
         body: Metered<Incoming>,
         idle: Duration,
         keep: Option<Box<dyn std::any::Any + Send>>,
+        mut tee: Option<Tee>,
         on_stall: impl FnOnce() + Send + 'static,
     ) -> Self {
         use http_body_util::BodyExt as _;
@@ -216,6 +217,16 @@ impl Relay {
             let _keep = keep;
             let mut body = body;
             while let Some(frame) = body.frame().await {
+                if let Some(tee) = tee.as_mut() {
+                    match &frame {
+                        Ok(f) => {
+                            if let Some(d) = f.data_ref() {
+                                tee.push(d);
+                            }
+                        }
+                        Err(_) => tee.finish(false),
+                    }
+                }
                 match tokio::time::timeout(idle, tx.send(frame)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return, // the client's stream is gone
@@ -224,6 +235,9 @@ impl Relay {
                         return;
                     }
                 }
+            }
+            if let Some(tee) = tee.as_mut() {
+                tee.finish(true);
             }
             done.store(true, Ordering::Release);
         });
@@ -412,11 +426,15 @@ impl ResponseBody {
             tap,
             tee,
         } = self;
-        let kind = match kind {
-            ResponseKind::Upstream { body } => ResponseKind::Relayed {
-                relay: Relay::start(body, idle, keep, on_stall),
-            },
-            other => other,
+        // A side copy goes with the body into the relay task.
+        let (kind, tee) = match kind {
+            ResponseKind::Upstream { body } => (
+                ResponseKind::Relayed {
+                    relay: Relay::start(body, idle, keep, tee, on_stall),
+                },
+                None,
+            ),
+            other => (other, tee),
         };
         ResponseBody {
             kind,

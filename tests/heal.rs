@@ -704,6 +704,54 @@ fn an_image_deleted_through_regguard_is_neither_served_nor_repaired_after_a_gc()
 }
 
 #[test]
+fn deleting_one_image_keeps_what_another_image_in_the_repository_still_references() {
+    let reg = Registry::start();
+    let vault = Backend::dir();
+    let rg = regguard(&reg.url(), &vault, &[]);
+    let img = oci::multi_arch("shared");
+    oci::push_multi_arch(&rg.url(), "team/shared", "a", &img, &[]);
+    // Tag b: an index of the amd64 child alone (the same child manifest, config and layers).
+    let amd64 = img.image("amd64");
+    let mut child = amd64.manifest.descriptor();
+    child["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
+    let only = oci::Blob::json(
+        oci::OCI_INDEX,
+        &serde_json::json!({"schemaVersion": 2, "mediaType": oci::OCI_INDEX, "manifests": [child]}),
+    );
+    assert_eq!(
+        oci::put_manifest(&rg.url(), "team/shared", "b", &only, &[]).status,
+        201
+    );
+    let mut all = digests(&img, false);
+    all.push(only.digest.clone());
+    wait_kept(&vault, &all);
+    let Backend::Dir(dir) = &vault else {
+        unreachable!()
+    };
+    let seen = dir
+        .path()
+        .join("vault/repositories/team/shared/_seen/sha256");
+    let recorded = |d: &str| seen.join(&d[7..]).exists();
+
+    let r = send(
+        "DELETE",
+        &format!("{}/v2/team/shared/manifests/{}", rg.url(), img.index.digest),
+        &[],
+        Bytes::new(),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let arm64 = img.image("arm64");
+    poll_until(
+        WAIT,
+        "the deleted image's own parts to be forgotten",
+        || (!recorded(&arm64.config.digest) && !recorded(&img.index.digest)).then_some(()),
+    );
+    for d in [&amd64.manifest.digest, &amd64.config.digest, &only.digest] {
+        assert!(recorded(d), "{d}, still referenced by tag b, was forgotten");
+    }
+}
+
+#[test]
 fn a_blob_deleted_through_regguard_is_not_recorded_again_by_a_later_pull() {
     let reg = Registry::start();
     let vault = Backend::dir();
@@ -900,6 +948,76 @@ fn with_layers_on_a_pulled_layer_is_kept_from_the_stream_not_read_back() {
         rg.metric(r#"regguard_vault_fetches_total{kind="blob"}"#) <= configs,
         "no layer was read back from the registry"
     );
+}
+
+#[test]
+fn a_layer_pulled_over_http2_is_copied_into_the_vault_too() {
+    let reg = Registry::start();
+    let vault = Backend::dir();
+    let img = oci::multi_arch("h2-layers");
+    oci::push_multi_arch(&reg.url(), "app/h2", "v1", &img, &[]);
+    let cert = common::TestCert::generate();
+    let mut env = vault.env();
+    env.push(("REGGUARD_VAULT_LAYERS".into(), "true".into()));
+    let rg = Regguard::start_with(
+        &reg.url(),
+        RegguardOptions {
+            env,
+            tls: Some((cert.cert_pem.clone(), cert.key_pem.clone())),
+            ..Default::default()
+        },
+    );
+    let layer = img.image("arm64").layers[1].clone();
+    let req = ::http::Request::get(format!(
+        "https://{}/v2/app/h2/blobs/{}",
+        rg.host(),
+        layer.digest
+    ))
+    .header("host", rg.host())
+    .body(http_body_util::Full::new(Bytes::new()))
+    .unwrap();
+    let (alpn, r) = http::https_send(rg.public, &cert.cert_der, true, req);
+    assert_eq!((alpn.as_str(), r.status), ("h2", 200));
+    assert_eq!(r.body, layer.data);
+    // Within the filler's 30 s wait: the copy came from the HTTP/2 stream.
+    poll_until(Duration::from_secs(20), "the layer to be kept", || {
+        vault.holds(&layer.digest).then_some(())
+    });
+    assert_eq!(
+        rg.metric(r#"regguard_vault_fetches_total{kind="blob"}"#),
+        0.0
+    );
+}
+
+#[test]
+fn abandoned_uploads_never_take_the_room_manifest_pushes_need() {
+    let reg = Registry::start();
+    let vault = Backend::dir();
+    let rg = regguard(&reg.url(), &vault, &[]);
+    // 70 uploads of 4 MiB each, started and never finished: more than the gate's whole
+    // manifest memory budget (256 MiB) if their copies took from it.
+    let chunk = Bytes::from(vec![7u8; 4 << 20]);
+    for i in 0..70 {
+        let r = send(
+            "POST",
+            &format!("{}/v2/app/abandoned/blobs/uploads/", rg.url()),
+            &[],
+            Bytes::new(),
+        );
+        assert_eq!(r.status, 202, "upload {i}: {}", r.text());
+        let url = http::location_url(&rg.url(), r.header("location").unwrap(), "");
+        let r = send(
+            "PATCH",
+            &url,
+            &[("content-type", "application/octet-stream")],
+            chunk.clone(),
+        );
+        assert_eq!(r.status, 202, "patch {i}: {}", r.text());
+    }
+    assert!(rg.metric("regguard_manifest_bytes_held") < (4 << 20) as f64);
+    let img = oci::multi_arch("after-abandoned");
+    oci::push_multi_arch(&rg.url(), "app/abandoned", "v1", &img, &[]);
+    assert!(reg.has_manifest("app/abandoned", "v1"));
 }
 
 #[test]

@@ -284,7 +284,13 @@ impl Proxy {
                     self.gated_push(&gate, &reference, req, conn, &mut exchange)
                         .await
                 }
-                None => self.forward(req, conn, &mut exchange, request_tap).await,
+                None => {
+                    let copies = Copies {
+                        request: request_tap,
+                        whole_blob: whole_blob.as_deref(),
+                    };
+                    self.forward(req, conn, &mut exchange, copies).await
+                }
             };
             match forwarded {
                 Ok(mut resp) => {
@@ -299,16 +305,7 @@ impl Proxy {
                     }
                     if let (Some(digest), Some(vault)) = (&forgetting, &self.vault) {
                         if resp.status() == StatusCode::ACCEPTED {
-                            vault.forget(repository, digest).await;
-                        }
-                    }
-                    if let (Some(vault), Some(digest)) = (&self.vault, &whole_blob) {
-                        if resp.status() == StatusCode::OK
-                            && !resp.headers().contains_key(header::CONTENT_RANGE)
-                        {
-                            if let Some(tee) = vault.tee_blob(repository, digest) {
-                                resp.body_mut().tee(tee);
-                            }
+                            vault.forget(repository, digest);
                         }
                     }
                     if let Some(copy) = upload {
@@ -344,13 +341,13 @@ impl Proxy {
         response
     }
 
-    /// Phase 3: forwards the request; `copy` takes a copy of its body aside as it streams.
+    /// Phase 3: forwards the request, taking the side copies the vault asked for.
     async fn forward(
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
         exchange: &mut Exchange,
-        copy: Option<Tap>,
+        copies: Copies<'_>,
     ) -> Result<Response<ResponseBody>, ForwardError> {
         let tally = exchange.tally.clone();
         // Blob downloads get large upstream reads while the bulk budget lasts (see `upstream`).
@@ -372,11 +369,26 @@ impl Proxy {
             && exchange.route == RouteKind::Blob
             && head.method == Method::GET;
         let body = Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request);
-        let body = match copy {
+        let body = match copies.request {
             Some(tap) => UpstreamBody::Tapped { body, tap },
             None => UpstreamBody::Client { body },
         };
-        let resp = self.send(client, head, body, conn, tally).await?;
+        let mut resp = self.send(client, head, body, conn, tally).await?;
+        // A whole blob the vault keeps (`vault.layers`): copied as it streams to the client
+        // (attached before an HTTP/2 download is handed to its relay task, which feeds it).
+        if let (Some(vault), Some(digest), Some(repository)) = (
+            &self.vault,
+            copies.whole_blob,
+            exchange.repository.as_deref(),
+        ) {
+            if resp.status() == StatusCode::OK
+                && !resp.headers().contains_key(header::CONTENT_RANGE)
+            {
+                if let Some(tee) = vault.tee_blob(repository, digest) {
+                    resp.body_mut().tee(tee);
+                }
+            }
+        }
         if !h2_download {
             return Ok(resp);
         }
@@ -535,6 +547,14 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = err.source();
     }
     out
+}
+
+/// The side copies one forwarded request takes for the vault.
+struct Copies<'a> {
+    /// Of the request body (a small blob upload).
+    request: Option<Tap>,
+    /// Of the response body, if the registry answers 200 with the whole blob (this digest).
+    whole_blob: Option<&'a str>,
 }
 
 /// One request/response exchange: counted and logged once, when it ends.

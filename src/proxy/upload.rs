@@ -2,50 +2,73 @@
 //! keeps them as they stream instead of reading them back from the registry after the push.
 //!
 //! An upload is `POST` then any number of `PATCH`es then `PUT ?digest=` (or one `PUT` with the
-//! whole body). Each request body with a known length that keeps the upload within
-//! `vault.max_blob_size` (and 4 MiB, and the manifest memory budget) is copied aside as it
-//! streams (frames are reference-counted: no second buffer of the client's stream, and it is
+//! whole body). Each request body that keeps the upload within `vault.max_blob_size` (and
+//! 4 MiB) is copied aside as it streams, within a 32 MiB cap of its own for all copies (never
+//! the gate's budget: an upload abandoned half way must not hold room pushes need) (frames are reference-counted: no second buffer of the client's stream, and it is
 //! never held back). A `PATCH` the registry accepted (202) adds its copy to the upload's; a
 //! `PUT ?digest=` it accepted (201) hands the whole to the vault, which keeps it only if it
 //! hashes to the digest. Anything larger, chunked, refused or abandoned is left to the vault's
 //! filler, which fetches what a kept manifest references.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex;
 
 use super::*;
-use crate::budget::Held;
 
 /// The largest upload copied aside (configs are kilobytes; layers go to the filler).
 const MAX_COPY: u64 = 4 * 1024 * 1024;
 /// Uploads in progress remembered at most, and for how long between their requests.
 const SESSIONS: u64 = 4096;
-const SESSION_IDLE: Duration = Duration::from_secs(600);
+const SESSION_IDLE: Duration = Duration::from_secs(60);
+/// Bytes all upload copies (in flight and between requests) may hold at once.
+const COPY_BYTES: usize = 32 * 1024 * 1024;
 
-/// Chunked upload requests (length unknown until they end) copied at once, at most; each
-/// copy stops at the size limit and drops what it had (layers overflow at once).
-const CHUNKED_COPIES: usize = 16;
-
-/// What a copy holds while it exists: room in the manifest memory budget (known length),
-/// or one of the chunked-copy slots.
-pub(super) enum Hold {
-    Budget(#[allow(dead_code)] Held),
-    Slot(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
+/// Room taken in the copies' cap; given back when dropped.
+pub(super) struct Reserved {
+    n: usize,
+    pool: Arc<AtomicUsize>,
 }
 
-/// An upload's bytes so far, with what they hold.
+impl Reserved {
+    fn take(pool: &Arc<AtomicUsize>, n: usize) -> Option<Self> {
+        let mut now = pool.load(Ordering::Relaxed);
+        loop {
+            if now + n > COPY_BYTES {
+                return None;
+            }
+            match pool.compare_exchange_weak(now, now + n, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    return Some(Reserved {
+                        n,
+                        pool: pool.clone(),
+                    })
+                }
+                Err(actual) => now = actual,
+            }
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.pool.fetch_sub(self.n, Ordering::Relaxed);
+    }
+}
+
+/// An upload's bytes so far, with the room they take.
 pub(super) struct SoFar {
     bytes: Bytes,
     /// Taken by the next request (the cache may still hold the entry a moment after removal).
-    held: Mutex<Vec<Hold>>,
+    held: Mutex<Option<Reserved>>,
 }
 
 /// Uploads in progress, by (repository, upload id).
 pub(super) type Sessions = moka::sync::Cache<(String, String), Arc<SoFar>>;
 
-/// The state of upload copies: sessions, and the chunked-copy slots.
+/// The state of upload copies: sessions, and the room all copies take.
 pub(super) struct Uploads {
     sessions: Sessions,
-    chunked: Arc<tokio::sync::Semaphore>,
+    room: Arc<AtomicUsize>,
 }
 
 pub(super) fn uploads() -> Uploads {
@@ -54,7 +77,7 @@ pub(super) fn uploads() -> Uploads {
             .max_capacity(SESSIONS)
             .time_to_idle(SESSION_IDLE)
             .build(),
-        chunked: Arc::new(tokio::sync::Semaphore::new(CHUNKED_COPIES)),
+        room: Arc::new(AtomicUsize::new(0)),
     }
 }
 
@@ -66,7 +89,7 @@ pub(super) struct UploadCopy {
     digest: Option<String>,
     /// Filled when the request body has been read to its end.
     slot: Arc<Mutex<Option<Bytes>>>,
-    held: Option<Hold>,
+    held: Option<Reserved>,
 }
 
 impl Proxy {
@@ -113,19 +136,20 @@ impl Proxy {
             Some(n) if n > room => return give_up(),
             Some(n) => {
                 let n = usize::try_from(n).ok()?;
-                match self.gate.as_ref().and_then(|g| g.budget.try_hold(n)) {
-                    Some(held) => (Some(Tap::new(n, deliver)), Some(Hold::Budget(held))),
+                match Reserved::take(&uploads.room, n) {
+                    Some(held) => (Some(Tap::new(n, deliver)), Some(held)),
                     None => return give_up(),
                 }
             }
-            None => match uploads.chunked.clone().try_acquire_owned() {
-                // Overflowing `room` ends the copy (and frees what it had) at once.
-                Ok(permit) => (
-                    Some(Tap::new(usize::try_from(room).ok()?, deliver)),
-                    Some(Hold::Slot(permit)),
-                ),
-                Err(_) => return give_up(),
-            },
+            // Chunked: as much as the upload may still grow; overflowing it ends the copy
+            // (and frees what it had) at once, so a layer holds it only briefly.
+            None => {
+                let n = usize::try_from(room).ok()?;
+                match Reserved::take(&uploads.room, n) {
+                    Some(held) => (Some(Tap::new(n, deliver)), Some(held)),
+                    None => return give_up(),
+                }
+            }
         };
         Some((
             UploadCopy {
@@ -161,14 +185,16 @@ impl Proxy {
         if body.is_empty() && !sessions.contains_key(&key) {
             return;
         }
-        // Taken out while it grows: what it holds moves to the new entry.
-        let (before, mut held) = match sessions.remove(&key) {
-            Some(s) => (
-                s.bytes.clone(),
-                std::mem::take(&mut *s.held.lock().unwrap_or_else(|p| p.into_inner())),
-            ),
-            None => (Bytes::new(), Vec::new()),
+        // Taken out while it grows: the room it took is given back, and taken again for
+        // the whole below.
+        let before = match sessions.remove(&key) {
+            Some(s) => {
+                drop(s.held.lock().unwrap_or_else(|p| p.into_inner()).take());
+                s.bytes.clone()
+            }
+            None => Bytes::new(),
         };
+        drop(copy.held);
         let whole = if before.is_empty() {
             body
         } else {
@@ -191,12 +217,14 @@ impl Proxy {
                 if holds != Some(whole.len() as u64) {
                     return;
                 }
-                held.extend(copy.held);
+                let Some(held) = Reserved::take(&uploads.room, whole.len()) else {
+                    return;
+                };
                 sessions.insert(
                     key,
                     Arc::new(SoFar {
                         bytes: whole,
-                        held: Mutex::new(held),
+                        held: Mutex::new(Some(held)),
                     }),
                 );
             }

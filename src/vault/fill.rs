@@ -84,6 +84,9 @@ async fn allowed(
     digest: &str,
     pushed: bool,
 ) -> Result<bool, FillError> {
+    if !pushed && vault.just_deleted(repository, digest) {
+        return Ok(false);
+    }
     let tombstoned = vault.store.is_tombstoned(repository, digest).await?;
     if tombstoned && pushed {
         vault.store.clear_tombstone(repository, digest).await?;
@@ -119,11 +122,15 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
         } => {
             // A blob upload the registry accepted: a push.
             allowed(vault, &repository, &digest, true).await?;
-            let size = body.len() as u64;
-            if vault.store.content_size(&digest).await?.is_none() {
-                vault.store.put_bytes(&digest, body).await?;
-                vault.metrics.wrote(RefKind::Blob, size);
-            }
+            let size = match vault.store.content_size(&digest).await? {
+                Some(held) => held,
+                None => {
+                    let size = body.len() as u64;
+                    vault.store.put_bytes(&digest, body).await?;
+                    vault.metrics.wrote(RefKind::Blob, size);
+                    size
+                }
+            };
             let seen = Seen {
                 media_type: String::new(),
                 size,
@@ -197,13 +204,20 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
                     pushed,
                     wait_for_pull: false,
                 };
-                vault
-                    .awaiting_pull
-                    .insert(Vault::key(&repository, &digest), ());
+                let key = Vault::key(&repository, &digest);
+                let Ok(permit) = vault.delayed.clone().try_acquire_owned() else {
+                    // Too many layers waiting already: fetch this one now.
+                    return Box::pin(process(vault, source, later)).await;
+                };
                 let queue = vault.queue.clone();
+                let (known, dropped) = (vault.known.clone(), vault.metrics.dropped.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(super::LAYER_DELAY).await;
-                    let _ = queue.try_send(later);
+                    drop(permit);
+                    if queue.try_send(later).is_err() {
+                        known.invalidate(&key);
+                        dropped.inc();
+                    }
                 });
                 return Ok(());
             }
@@ -242,6 +256,10 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
                     }
                 };
                 vault.metrics.wrote(RefKind::Blob, written);
+            }
+            // A delete may have come while the blob was fetched.
+            if !allowed(vault, &repository, &digest, pushed).await? {
+                return Ok(());
             }
             let seen = Seen {
                 media_type,
@@ -334,6 +352,12 @@ async fn keep_manifest(
             continue;
         }
         vault.known.insert(Vault::key(repository, &child), ());
+        if layer && vault.settings.layers {
+            // A client's pull may copy it: from now on, not only once the filler gets to it.
+            vault
+                .awaiting_pull
+                .insert(Vault::key(repository, &child), ());
+        }
         let work = Work::Reference {
             repository: repository.to_owned(),
             digest: child.clone(),
@@ -428,7 +452,8 @@ fn redirect(
     }
     let uri: http::Uri = location.parse().ok()?;
     let authority = uri.authority()?.clone();
-    let same_host = authority == source.upstream.authority;
+    let same_host =
+        authority == source.upstream.authority && uri.scheme() == Some(&source.upstream.scheme);
     let mut req = http::Request::get(uri)
         .header(header::HOST, authority.as_str())
         .header(header::USER_AGENT, crate::upstream::user_agent())

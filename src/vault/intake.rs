@@ -36,6 +36,7 @@ impl Vault {
         auth: Option<&HeaderValue>,
     ) {
         self.known.invalidate(&Self::key(repository, digest));
+        self.deleted.invalidate(&Self::key(repository, digest));
         self.keep(repository, digest, media_type, body, auth, true);
     }
 
@@ -124,6 +125,7 @@ impl Vault {
         if self.known.contains_key(&key) {
             return;
         }
+        self.deleted.invalidate(&key); // uploaded again: a push
         if !self.settings.layers {
             // A config or a layer? The manifest will say; until then it waits in memory.
             self.pending.insert(key, body);
@@ -226,7 +228,11 @@ impl Vault {
                         size
                     }
                 };
-                if !done.load(Ordering::Acquire) {
+                // A delete may have come while the layer streamed.
+                if !done.load(Ordering::Acquire)
+                    || vault.just_deleted(&repository, &digest)
+                    || vault.store.is_tombstoned(&repository, &digest).await?
+                {
                     return Ok(None);
                 }
                 let seen = Seen {

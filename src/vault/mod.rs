@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http::HeaderValue;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::mpsc;
@@ -200,6 +201,10 @@ pub struct Vault {
     queue: mpsc::Sender<Work>,
     /// Bytes of bodies waiting in `queue` (bounded by [`QUEUED_BYTES`]).
     queued_bytes: std::sync::atomic::AtomicUsize,
+    /// Layers waiting out [`LAYER_DELAY`] at most; past it they are fetched at once.
+    delayed: Arc<tokio::sync::Semaphore>,
+    /// Deletes seen in the last minutes, by (repository, digest).
+    deleted: moka::sync::Cache<(Arc<str>, Arc<str>), ()>,
     /// Damaged objects logged within the hour.
     complained: moka::sync::Cache<Arc<str>, ()>,
     /// Layers the filler put off for a client's pull to copy (see [`LAYER_DELAY`]).
@@ -220,6 +225,9 @@ const TEE_FRAMES: usize = 16;
 /// names: a client pulling the image usually streams it through regguard first, and that
 /// copy saves reading it from the registry twice.
 pub const LAYER_DELAY: Duration = Duration::from_secs(30);
+
+/// Manifests of a repository read at most to learn what a delete must leave in place.
+const MAX_SIBLINGS: usize = 2000;
 
 /// Manifest and blob bytes waiting in the filler's queue, at most; past it a manifest is
 /// queued without its body (the filler fetches it) and a blob copy is dropped.
@@ -287,6 +295,11 @@ impl Vault {
             queue: tx,
             queued_bytes: std::sync::atomic::AtomicUsize::new(0),
             tee_slots: Arc::new(tokio::sync::Semaphore::new(TEE_COPIES)),
+            delayed: Arc::new(tokio::sync::Semaphore::new(10_000)),
+            deleted: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
             complained: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(3600))
@@ -328,16 +341,65 @@ impl Vault {
 
     /// Forgets that `digest` was seen in `repository`: it was deleted on purpose (a DELETE
     /// through regguard, or the registry's delete notification), and must not come back.
-    /// A deleted manifest also takes what it references out of `repository`'s records (an
-    /// image that shares them is recorded again when it is next seen; a deleted image's
-    /// config or layers are never served back after a garbage collection).
-    pub async fn forget(&self, repository: &str, digest: &str) {
-        let mut gone = vec![digest.to_owned()];
+    /// Forgets that `digest` was seen in `repository`: it was deleted on purpose (a DELETE
+    /// through regguard, or the registry's delete notification), and must not come back.
+    /// Takes effect at once in memory (nothing is served or recorded for it); the store is
+    /// updated in the background, so the client's DELETE never waits on the vault.
+    pub fn forget(self: &Arc<Self>, repository: &str, digest: &str) {
+        let key = Self::key(repository, digest);
+        self.deleted.insert(key.clone(), ());
+        self.known.invalidate(&key);
+        self.pending.invalidate(&key);
+        let vault = self.clone();
+        let (repository, digest) = (repository.to_owned(), digest.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = vault.forget_in_store(&repository, &digest).await {
+                vault.metrics.errors.inc();
+                tracing::warn!(%repository, %digest, error = %e, "vault: cannot record a delete");
+            }
+        });
+    }
+
+    /// A deleted manifest also takes what it references (children, configs, layers) out of
+    /// `repository`'s records, except what another manifest recorded there still references;
+    /// each is tombstoned, so nothing records it there again but a push through regguard.
+    async fn forget_in_store(&self, repository: &str, digest: &str) -> Result<(), StoreError> {
+        let gone = self.closure(repository, vec![digest.to_owned()]).await;
+        // What the repository's other manifests still reference stays.
+        let mut others = Vec::new();
+        let mut records = self.store.list_seen_in(repository);
+        while let Some(entry) = records.next().await {
+            let entry = entry?;
+            if entry.repository == repository && !gone.contains(&entry.digest) {
+                others.push(entry.digest);
+            }
+            if others.len() >= MAX_SIBLINGS {
+                break;
+            }
+        }
+        let live = self.closure(repository, others).await;
+        for d in gone.iter().filter(|d| *d == digest || !live.contains(*d)) {
+            self.store.tombstone(repository, d).await?;
+            self.store.forget_seen(repository, d).await?;
+            let key = Self::key(repository, d);
+            self.known.invalidate(&key);
+            self.pending.invalidate(&key);
+        }
+        Ok(())
+    }
+
+    /// `roots` and everything the manifests among them reference, as recorded in
+    /// `repository` (bounded by the walk budget).
+    async fn closure(
+        &self,
+        repository: &str,
+        roots: Vec<String>,
+    ) -> std::collections::HashSet<String> {
+        let mut all: std::collections::HashSet<String> = roots.iter().cloned().collect();
+        let mut todo = roots;
         let mut walked = 0;
-        let mut i = 0;
-        while let Some(d) = gone.get(i).cloned() {
-            i += 1;
-            if walked >= crate::checker::DEFAULT_MAX_REFERENCES {
+        while let Some(d) = todo.pop() {
+            if walked >= crate::checker::DEFAULT_MAX_REFERENCES * 4 {
                 break;
             }
             let Ok(Some(seen)) = self.store.seen(repository, &d).await else {
@@ -356,26 +418,19 @@ impl Vault {
             if let Ok(m) = crate::oci::Manifest::parse(&body, hint(&seen.media_type)) {
                 for r in m.references() {
                     walked += 1;
-                    if !gone.contains(&r.digest) {
-                        gone.push(r.digest.clone());
+                    if all.insert(r.digest.clone()) {
+                        todo.push(r.digest.clone());
                     }
                 }
             }
         }
-        // The digest deleted is tombstoned: nothing records it there again but a push.
-        if let Err(e) = self.store.tombstone(repository, digest).await {
-            self.metrics.errors.inc();
-            tracing::warn!(%repository, %digest, error = %e, "vault: cannot record a delete");
-        }
-        for d in &gone {
-            let key = Self::key(repository, d);
-            self.known.invalidate(&key);
-            self.pending.invalidate(&key);
-            if let Err(e) = self.store.forget_seen(repository, d).await {
-                self.metrics.errors.inc();
-                tracing::warn!(%repository, digest = %d, error = %e, "vault: cannot forget a deleted reference");
-            }
-        }
+        all
+    }
+
+    /// Whether `digest` was deleted from `repository` within the last minutes (before the
+    /// store's tombstone is written, and as a fast path after).
+    pub(crate) fn just_deleted(&self, repository: &str, digest: &str) -> bool {
+        self.deleted.contains_key(&Self::key(repository, digest))
     }
 
     /// The verified bytes of manifest `digest` as seen in `repository`, with its record.
@@ -384,6 +439,9 @@ impl Vault {
         repository: &str,
         digest: &str,
     ) -> Result<Option<(Seen, Bytes)>, StoreError> {
+        if self.just_deleted(repository, digest) {
+            return Ok(None);
+        }
         let Some(seen) = self.store.seen(repository, digest).await? else {
             return Ok(None);
         };
@@ -414,6 +472,9 @@ impl Vault {
         repository: &str,
         digest: &str,
     ) -> Result<Option<(Seen, u64)>, StoreError> {
+        if self.just_deleted(repository, digest) {
+            return Ok(None);
+        }
         let Some(seen) = self.store.seen(repository, digest).await? else {
             return Ok(None);
         };

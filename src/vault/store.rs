@@ -438,7 +438,21 @@ impl Store {
 
     /// Every seen record, in every repository.
     pub fn list_seen(&self) -> BoxStream<'static, Result<SeenEntry, StoreError>> {
-        let prefix = Path::from("repositories");
+        self.list_seen_under(Path::from("repositories"))
+    }
+
+    /// The seen records of one repository (and, by prefix, of those nested under its name:
+    /// callers filter on [`SeenEntry::repository`]).
+    pub fn list_seen_in(
+        &self,
+        repository: &str,
+    ) -> BoxStream<'static, Result<SeenEntry, StoreError>> {
+        self.list_seen_under(Path::from_iter(
+            std::iter::once("repositories").chain(repository.split('/')),
+        ))
+    }
+
+    fn list_seen_under(&self, prefix: Path) -> BoxStream<'static, Result<SeenEntry, StoreError>> {
         self.inner
             .list(Some(&prefix))
             .filter_map(|r| async move {
