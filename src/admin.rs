@@ -144,7 +144,7 @@ impl Admin {
         if let Some(vault) = &self.vault {
             for e in envelope.events.iter().filter(|e| e.action == "delete") {
                 if !e.target.repository.is_empty() && !e.target.digest.is_empty() {
-                    vault.forget(&e.target.repository, &e.target.digest);
+                    vault.forget(&e.target.repository, &e.target.digest).await;
                 }
             }
         }

@@ -305,7 +305,7 @@ impl Proxy {
                     }
                     if let (Some(digest), Some(vault)) = (&forgetting, &self.vault) {
                         if resp.status() == StatusCode::ACCEPTED {
-                            vault.forget(repository, digest);
+                            vault.forget(repository, digest).await;
                         }
                     }
                     if let Some(copy) = upload {

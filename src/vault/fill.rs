@@ -190,7 +190,9 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
             wait_for_pull,
             depth,
         } => {
-            if wait_for_pull {
+            // Still being copied from a pull: wait another round rather than read it twice.
+            let copying = vault.teeing.contains_key(&Vault::key(&repository, &digest));
+            if wait_for_pull || copying {
                 // A layer: a client pulling the image usually streams it through regguard
                 // (and into the vault) first; try again later, off the queue meanwhile.
                 let later = Work::Reference {
@@ -206,6 +208,9 @@ async fn process(vault: &Vault, source: Option<&Source>, work: Work) -> Result<(
                 };
                 let key = Vault::key(&repository, &digest);
                 let Ok(permit) = vault.delayed.clone().try_acquire_owned() else {
+                    if copying {
+                        return Ok(()); // the copy records it, or forgets it if it fails
+                    }
                     // Too many layers waiting already: fetch this one now.
                     return Box::pin(process(vault, source, later)).await;
                 };

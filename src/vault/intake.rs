@@ -192,6 +192,7 @@ impl Vault {
         }
         let permit = self.tee_slots.clone().try_acquire_owned().ok()?;
         self.awaiting_pull.invalidate(&key);
+        self.teeing.insert(key.clone(), ());
         self.known.insert(key.clone(), ());
         let (tx, mut rx) = mpsc::channel::<Bytes>(TEE_FRAMES);
         let complete = Arc::new(AtomicBool::new(false));
@@ -244,6 +245,7 @@ impl Vault {
                 Ok(Some(size))
             }
             .await;
+            vault.teeing.invalidate(&key);
             match written {
                 Ok(Some(_)) => {}
                 Ok(None) => vault.known.invalidate(&key),

@@ -201,6 +201,8 @@ pub struct Vault {
     queue: mpsc::Sender<Work>,
     /// Bytes of bodies waiting in `queue` (bounded by [`QUEUED_BYTES`]).
     queued_bytes: std::sync::atomic::AtomicUsize,
+    /// Layers being copied from a client's pull right now.
+    teeing: moka::sync::Cache<(Arc<str>, Arc<str>), ()>,
     /// Layers waiting out [`LAYER_DELAY`] at most; past it they are fetched at once.
     delayed: Arc<tokio::sync::Semaphore>,
     /// Deletes seen in the last minutes, by (repository, digest).
@@ -225,6 +227,9 @@ const TEE_FRAMES: usize = 16;
 /// names: a client pulling the image usually streams it through regguard first, and that
 /// copy saves reading it from the registry twice.
 pub const LAYER_DELAY: Duration = Duration::from_secs(30);
+
+/// How long a DELETE waits for the vault to record it, at most.
+const TOMBSTONE_WAIT: Duration = Duration::from_secs(2);
 
 /// Manifests of a repository read at most to learn what a delete must leave in place.
 const MAX_SIBLINGS: usize = 2000;
@@ -296,6 +301,7 @@ impl Vault {
             queued_bytes: std::sync::atomic::AtomicUsize::new(0),
             tee_slots: Arc::new(tokio::sync::Semaphore::new(TEE_COPIES)),
             delayed: Arc::new(tokio::sync::Semaphore::new(10_000)),
+            teeing: moka::sync::Cache::builder().max_capacity(1024).build(),
             deleted: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(600))
@@ -341,23 +347,33 @@ impl Vault {
 
     /// Forgets that `digest` was seen in `repository`: it was deleted on purpose (a DELETE
     /// through regguard, or the registry's delete notification), and must not come back.
-    /// Forgets that `digest` was seen in `repository`: it was deleted on purpose (a DELETE
-    /// through regguard, or the registry's delete notification), and must not come back.
-    /// Takes effect at once in memory (nothing is served or recorded for it); the store is
-    /// updated in the background, so the client's DELETE never waits on the vault.
-    pub fn forget(self: &Arc<Self>, repository: &str, digest: &str) {
+    /// Takes effect at once in memory (nothing is served or recorded for it); the digest's
+    /// own tombstone is written before this returns (waiting [`TOMBSTONE_WAIT`] at most, so
+    /// a restart right after the DELETE does not forget it), and what it references is
+    /// worked out in the background.
+    pub async fn forget(self: &Arc<Self>, repository: &str, digest: &str) {
         let key = Self::key(repository, digest);
         self.deleted.insert(key.clone(), ());
         self.known.invalidate(&key);
         self.pending.invalidate(&key);
         let vault = self.clone();
         let (repository, digest) = (repository.to_owned(), digest.to_owned());
+        let (recorded, wait) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            if let Err(e) = vault.forget_in_store(&repository, &digest).await {
+            // The record stays until the cascade has read it (serving already skips it).
+            let own = vault.store.tombstone(&repository, &digest).await;
+            let _ = recorded.send(());
+            let result = match own {
+                Ok(()) => vault.forget_in_store(&repository, &digest).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
                 vault.metrics.errors.inc();
                 tracing::warn!(%repository, %digest, error = %e, "vault: cannot record a delete");
             }
         });
+        // The cascade may take longer; the digest's own tombstone is one write.
+        let _ = tokio::time::timeout(TOMBSTONE_WAIT, wait).await;
     }
 
     /// A deleted manifest also takes what it references (children, configs, layers) out of
