@@ -549,7 +549,7 @@ fn demo_starts_shows_the_incident_heals_and_stops_clean() {
     let readme = read("README.md");
     for line in [
         "./deploy/demo.sh     # demo: registry + regguard + a sample multi-arch image; prints where the metrics are",
-        "./tests/run          # the whole test suite (installs docker-registry, skopeo, nginx-light, prometheus if missing)",
+        "./tests/run          # the whole test suite (installs docker-registry, skopeo, nginx-light, prometheus, and moto's S3 server from PyPI, if missing)",
     ] {
         assert!(readme.contains(line), "README lost: {line}");
     }
