@@ -461,7 +461,7 @@ impl Vault {
         let Some(seen) = self.store.seen(repository, digest).await? else {
             return Ok(None);
         };
-        if seen.kind != RefKind::Manifest {
+        if seen.kind != RefKind::Manifest || self.store.is_tombstoned(repository, digest).await? {
             return Ok(None);
         }
         match self
@@ -494,7 +494,9 @@ impl Vault {
         let Some(seen) = self.store.seen(repository, digest).await? else {
             return Ok(None);
         };
-        if seen.kind != RefKind::Blob {
+        // Deleted on purpose (a record the delete's cascade has not removed yet, say after a
+        // restart): never served.
+        if seen.kind != RefKind::Blob || self.store.is_tombstoned(repository, digest).await? {
             return Ok(None);
         }
         let size = match self.verified.get(digest) {
