@@ -360,7 +360,6 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     init_logging(settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(serve_workers())
         .enable_all()
         .build()
     {
@@ -381,17 +380,6 @@ fn serve(args: ServeArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Worker threads of the serving runtime: half the cores, at least one (tokio's default is
-/// one per core). regguard shares its host with the registry it fronts, and a manifest GET
-/// is a few tens of microseconds of work handed between two connection tasks: with a
-/// worker per core, the workers wake each other (futex, context switch) and contend with
-/// the registry for the same cores. Measured on 2 cores (32 connections, manifest GET by
-/// tag, median of 7 interleaved runs): 1 worker ~63 µs CPU per request, 2 workers ~70.
-/// Blob relays stay I/O-bound; the accept loop runs on the main thread besides.
-fn serve_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
