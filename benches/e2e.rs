@@ -5,7 +5,8 @@
 //! with ratios, and the machine it ran on. Measures:
 //! (a) 1 GiB blob GET throughput and each proxy's CPU seconds per GiB (from
 //!     /proc/<pid>/stat, all of a proxy's processes), over plain HTTP and TLS;
-//! (b) manifest GET by tag at 32 connections: requests/s, p50, p99;
+//! (b) manifest GET by tag at 32 connections: requests/s, p50, p99, and each proxy's
+//!     CPU per request (µs, from /proc/<pid>/stat over the load run; the registry's too);
 //! (c) (a) and (b) against a minimal in-process upstream, to show the proxies'
 //!     own ceiling without the registry's CPU in the way;
 //! (d) regguard's peak RSS while relaying 256 concurrent blob streams;
@@ -13,6 +14,9 @@
 //!     (`BENCH_ONLY=validation` runs only this part);
 //! (f) the push gate: time per manifest PUT, direct vs gate off vs enforce
 //!     (`BENCH_ONLY=gate`).
+//! `BENCH_ONLY=manifest` runs (b) alone against direct, tuned nginx and regguard (and, with
+//! `BENCH_BASE_BIN=<path>`, another regguard build side by side); `BENCH_ONLY=hold` starts
+//! them, prints their addresses and pids, and waits `BENCH_HOLD` seconds (for wrk, strace, perf).
 //! Settings: BENCH_ROUNDS (default 5), BENCH_SECONDS per load run (default 3).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -268,6 +272,10 @@ struct Samples {
     tls_mibs: Vec<f64>,
     tls_cpu_per_gib: Vec<f64>,
     rps: Vec<f64>,
+    /// The proxy's CPU (user + system, µs) per manifest request of the 32-connection load.
+    cpu_us_per_req: Vec<f64>,
+    /// The registry's CPU (µs) per client request in that load.
+    reg_cpu_us_per_req: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
     /// One connection, no contention: the latency a proxy adds by itself.
@@ -304,8 +312,8 @@ fn run_suite(
     rt: &tokio::runtime::Runtime,
     targets: &mut [Target],
     connector: &tokio_rustls::TlsConnector,
-    blob_path: &str,
-    manifest_path: &str,
+    (blob_path, manifest_path): (&str, &str),
+    registry_pid: Option<u32>,
     rounds: u64,
     secs: f64,
 ) {
@@ -331,7 +339,19 @@ fn run_suite(
                         .push((cpu_seconds(pid) - c0) / (n as f64 / GIB as f64));
                 }
             }
+            let cpu0 = t.pid.map(cpu_seconds);
+            let reg0 = registry_pid.map(cpu_seconds);
             let l = rt.block_on(load(t.plain, manifest_path, secs));
+            if let (Some(pid), Some(c0)) = (t.pid, cpu0) {
+                t.samples
+                    .cpu_us_per_req
+                    .push((cpu_seconds(pid) - c0) * 1e6 / l.sent as f64);
+            }
+            if let (Some(pid), Some(r0)) = (registry_pid, reg0) {
+                t.samples
+                    .reg_cpu_us_per_req
+                    .push((cpu_seconds(pid) - r0) * 1e6 / l.sent as f64);
+            }
             t.samples.rps.push(l.rps);
             t.samples.p50.push(l.p50_ms);
             t.samples.p99.push(l.p99_ms);
@@ -339,10 +359,11 @@ fn run_suite(
             t.samples.p50_1.push(l1.p50_ms);
             t.samples.p99_1.push(l1.p99_ms);
             eprintln!(
-                "round {round} {:<14} {:>7.0} MiB/s {:>7.0} req/s",
+                "round {round} {:<14} {:>7.0} MiB/s {:>7.0} req/s {:>6.1} µs CPU/req",
                 t.name,
                 t.samples.mibs.last().unwrap(),
-                l.rps
+                l.rps,
+                t.samples.cpu_us_per_req.last().copied().unwrap_or(f64::NAN)
             );
         }
     }
@@ -350,8 +371,8 @@ fn run_suite(
 
 fn table(title: &str, targets: &[Target]) {
     println!("\n### {title}\n");
-    println!("| path | blob GET MiB/s | proxy CPU-s/GiB | TLS blob GET MiB/s | TLS CPU-s/GiB | manifest req/s (32 conn) | p50 ms | p99 ms | 1 conn p50 ms | 1 conn p99 ms |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| path | blob GET MiB/s | proxy CPU-s/GiB | TLS blob GET MiB/s | TLS CPU-s/GiB | manifest req/s (32 conn) | proxy CPU µs/req | registry CPU µs/req | p50 ms | p99 ms | 1 conn p50 ms | 1 conn p99 ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let fmt = |v: &Vec<f64>, d: usize| {
         if v.is_empty() {
             "–".to_string()
@@ -362,13 +383,15 @@ fn table(title: &str, targets: &[Target]) {
     for t in targets {
         let s = &t.samples;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             t.name,
             fmt(&s.mibs, 0),
             fmt(&s.cpu_per_gib, 2),
             fmt(&s.tls_mibs, 0),
             fmt(&s.tls_cpu_per_gib, 2),
             fmt(&s.rps, 0),
+            fmt(&s.cpu_us_per_req, 1),
+            fmt(&s.reg_cpu_us_per_req, 0),
             fmt(&s.p50, 2),
             fmt(&s.p99, 2),
             fmt(&s.p50_1, 3),
@@ -415,6 +438,11 @@ fn table(title: &str, targets: &[Target]) {
         ratio(&rg.rps, &direct.rps),
         ratio(&rg.rps, &front.rps),
         ratio(&rg.rps, &tuned.rps)
+    );
+    println!(
+        "| CPU per manifest request | – | {} | {} |",
+        ratio(&rg.cpu_us_per_req, &front.cpu_us_per_req),
+        ratio(&rg.cpu_us_per_req, &tuned.cpu_us_per_req)
     );
     let added =
         |a: &Vec<f64>, b: &Vec<f64>| format!("{:+.3}", median(a.clone()) - median(b.clone()));
@@ -640,6 +668,89 @@ fn gate_bench(reg: &Registry, quiet: &RegguardOptions, rounds: u64) {
     );
 }
 
+/// Manifest GET by tag at 32 connections only, interleaved: direct, tuned nginx, regguard
+/// (its defaults) and, with `BENCH_BASE_BIN`, another regguard build for comparison.
+/// Requests/s and each proxy's CPU per request (`BENCH_ONLY=manifest`).
+fn manifest_bench(
+    rt: &tokio::runtime::Runtime,
+    reg: &Registry,
+    quiet: &RegguardOptions,
+    manifest_path: &str,
+    rounds: u64,
+    secs: f64,
+) {
+    let tuned = Nginx::start("front-tuned.conf", reg.addr);
+    let rg = Regguard::start_with(&reg.url(), quiet.clone());
+    let base = std::env::var("BENCH_BASE_BIN")
+        .ok()
+        .map(|bin| Regguard::start_bin(bin.as_ref(), &reg.url(), quiet.clone()));
+    let mut targets = vec![
+        Target::new("direct", reg.addr, None, None),
+        Target::new("nginx tuned", tuned.addr, None, Some(tuned.proc.pid())),
+        Target::new("regguard", rg.public, None, Some(rg.proc.pid())),
+    ];
+    if let Some(b) = &base {
+        targets.push(Target::new(
+            "regguard base",
+            b.public,
+            None,
+            Some(b.proc.pid()),
+        ));
+    }
+    // Steady state: the first pulls fill regguard's caches.
+    for t in &targets {
+        rt.block_on(load(t.plain, manifest_path, 1.0));
+    }
+    for round in 0..rounds {
+        for t in targets.iter_mut() {
+            let cpu0 = t.pid.map(cpu_seconds);
+            let reg0 = cpu_seconds(reg.proc.pid());
+            let l = rt.block_on(load(t.plain, manifest_path, secs));
+            if let (Some(pid), Some(c0)) = (t.pid, cpu0) {
+                t.samples
+                    .cpu_us_per_req
+                    .push((cpu_seconds(pid) - c0) * 1e6 / l.sent as f64);
+            }
+            t.samples
+                .reg_cpu_us_per_req
+                .push((cpu_seconds(reg.proc.pid()) - reg0) * 1e6 / l.sent as f64);
+            t.samples.rps.push(l.rps);
+            t.samples.p50.push(l.p50_ms);
+            t.samples.p99.push(l.p99_ms);
+            eprintln!(
+                "round {round} {:<14} {:>7.0} req/s {:>6.1} µs CPU/req, registry {:>6.1}",
+                t.name,
+                l.rps,
+                t.samples.cpu_us_per_req.last().copied().unwrap_or(f64::NAN),
+                t.samples
+                    .reg_cpu_us_per_req
+                    .last()
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            );
+        }
+    }
+    println!("\n### Manifest GET by tag, 32 connections ({rounds} rounds of {secs} s)\n");
+    println!(
+        "| path | req/s | ÷ direct | proxy CPU µs/req | registry CPU µs/req | p50 ms | p99 ms |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let direct = median(targets[0].samples.rps.clone());
+    for t in &targets {
+        let s = &t.samples;
+        println!(
+            "| {} | {:.0} | {:.3} | {:.1} | {:.0} | {:.2} | {:.2} |",
+            t.name,
+            median(s.rps.clone()),
+            median(s.rps.clone()) / direct,
+            median(s.cpu_us_per_req.clone()),
+            median(s.reg_cpu_us_per_req.clone()),
+            median(s.p50.clone()),
+            median(s.p99.clone())
+        );
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` / criterion-style listing: nothing to list.
@@ -684,6 +795,27 @@ fn main() {
     }
     if std::env::var("BENCH_ONLY").as_deref() == Ok("gate") {
         gate_bench(&reg, &quiet, rounds);
+        return;
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("hold") {
+        let tuned = Nginx::start("front-tuned.conf", reg.addr);
+        let rg = Regguard::start_with(&reg.url(), quiet.clone());
+        let base = std::env::var("BENCH_BASE_BIN")
+            .ok()
+            .map(|bin| Regguard::start_bin(bin.as_ref(), &reg.url(), quiet.clone()));
+        println!("HOLD direct {} pid {}", reg.addr, reg.proc.pid());
+        println!("HOLD nginx {} pid {}", tuned.addr, tuned.proc.pid());
+        println!("HOLD regguard {} pid {}", rg.public, rg.proc.pid());
+        if let Some(b) = &base {
+            println!("HOLD base {} pid {}", b.public, b.proc.pid());
+        }
+        use std::io::Write as _;
+        std::io::stdout().flush().unwrap();
+        std::thread::sleep(Duration::from_secs(env_num("BENCH_HOLD", 600)));
+        return;
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("manifest") {
+        manifest_bench(&rt, &reg, &quiet, manifest_path, rounds, secs);
         return;
     }
     if std::env::var("BENCH_QUICK").is_ok() {
@@ -770,8 +902,8 @@ fn main() {
             &rt,
             &mut targets,
             &connector,
-            &blob_path,
-            manifest_path,
+            (&blob_path, manifest_path),
+            Some(reg.proc.pid()),
             rounds,
             secs,
         );
@@ -851,8 +983,8 @@ fn main() {
         &rt,
         &mut targets,
         &connector,
-        "/v2/min/blobs/sha256:x",
-        manifest_path,
+        ("/v2/min/blobs/sha256:x", manifest_path),
+        None,
         rounds,
         secs,
     );

@@ -61,8 +61,10 @@ pin_project_lite::pin_project! {
     pub struct Metered<B> {
         #[pin]
         inner: B,
-        // Boxed so the body is Unpin, as hyper's client requires of request bodies.
-        timer: Pin<Box<Sleep>>,
+        // Boxed so the body is Unpin, as hyper's client requires of request bodies. Made on
+        // the first poll that has to wait: a body that never waits (an empty GET's, most
+        // manifests') allocates and registers no timer.
+        timer: Option<Pin<Box<Sleep>>>,
         idle: Duration,
         last_frame: Instant,
         tally: Arc<Tally>,
@@ -75,7 +77,7 @@ impl<B> Metered<B> {
         let now = Instant::now();
         Metered {
             inner,
-            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            timer: None,
             idle,
             last_frame: now,
             tally,
@@ -137,15 +139,21 @@ where
                 }
                 Poll::Ready(None)
             }
-            Poll::Pending => loop {
-                ready!(this.timer.as_mut().poll(cx));
-                let deadline = *this.last_frame + *this.idle;
-                if Instant::now() >= deadline {
-                    failed_flag.store(true, Ordering::Relaxed);
-                    return Poll::Ready(Some(Err(Box::new(IdleTimeout(*this.idle)))));
+            Poll::Pending => {
+                let (last_frame, idle) = (*this.last_frame, *this.idle);
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(last_frame + idle)));
+                loop {
+                    ready!(timer.as_mut().poll(cx));
+                    let deadline = last_frame + idle;
+                    if Instant::now() >= deadline {
+                        failed_flag.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(IdleTimeout(idle)))));
+                    }
+                    timer.as_mut().reset(deadline);
                 }
-                this.timer.as_mut().reset(deadline);
-            },
+            }
         }
     }
 

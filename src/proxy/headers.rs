@@ -4,6 +4,8 @@
 //!
 //! They know nothing of routes, bodies or validation.
 
+use std::net::IpAddr;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::ConnInfo;
@@ -17,10 +19,28 @@ static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The hop-by-hop fields of RFC 9110 §7.6.1 that are always removed.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Removes the hop-by-hop fields of RFC 9110 §7.6.1: those named by `Connection`,
 /// and `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade`.
 /// Framing is hyper's job on each side (chunked or Content-Length as the body says).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names first: most heads carry none of these, and every `remove`
+    // hashes its name (six of them cost more than the scan).
+    if headers.keys().any(is_hop_by_hop) {
+        remove_named_hop_by_hop(headers);
+    }
+}
+
+fn remove_named_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -45,6 +65,37 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Request fields a client may not forward: `Expect` (hyper's server has already answered
+/// `100 Continue` when it started reading the body) and the forwarding hosts.
+fn is_dropped_request_field(name: &HeaderName) -> bool {
+    name == header::EXPECT || name == X_FORWARDED_HOST || name == FORWARDED
+}
+
+/// The peer address as a header value. IPv4 (the common case) is written digit by digit:
+/// `Display` goes through the formatting machinery, a measurable part of a manifest request.
+fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
+    let text = match ip {
+        IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                if octet >= 100 {
+                    s.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    s.push(char::from(b'0' + octet / 10 % 10));
+                }
+                s.push(char::from(b'0' + octet % 10));
+            }
+            s
+        }
+        IpAddr::V6(_) => ip.to_string(),
+    };
+    HeaderValue::try_from(text).ok()
+}
+
 /// Rewrites a client's request head for the upstream, as the nginx front's
 /// `proxy_set_header` lines did, minus its weakness: a client may not choose the
 /// host the registry writes into `Location` (X-Forwarded-Host, Forwarded).
@@ -54,11 +105,19 @@ pub fn rewrite_request_headers(
     conn: ConnInfo,
     upstream: &Upstream,
 ) {
-    remove_hop_by_hop(headers);
-    // hyper's server has already answered `100 Continue` when it started reading the body.
-    headers.remove(header::EXPECT);
-    headers.remove(&X_FORWARDED_HOST);
-    headers.remove(&FORWARDED);
+    let (mut hop, mut dropped) = (false, false);
+    for name in headers.keys() {
+        hop |= is_hop_by_hop(name);
+        dropped |= is_dropped_request_field(name);
+    }
+    if hop {
+        remove_named_hop_by_hop(headers);
+    }
+    if dropped {
+        headers.remove(header::EXPECT);
+        headers.remove(&X_FORWARDED_HOST);
+        headers.remove(&FORWARDED);
+    }
 
     // Host with its port (nginx's `Host $http_host`). HTTP/2 clients send :authority instead.
     if !headers.contains_key(header::HOST) {
@@ -68,12 +127,19 @@ pub fn rewrite_request_headers(
         headers.insert(header::HOST, host);
     }
 
-    let ip = conn.remote.ip().to_string();
-    let forwarded_proto = headers
-        .get(&X_FORWARDED_PROTO)
-        .filter(|v| conn.trusted && (*v == "https" || *v == "http"))
+    let ip = ip_value(conn.remote.ip());
+    // Only a trusted peer's say is read (and so looked up) at all.
+    let forwarded_proto = conn
+        .trusted
+        .then(|| headers.get(&X_FORWARDED_PROTO))
+        .flatten()
+        .filter(|v| *v == "https" || *v == "http")
         .cloned();
-    let real_ip = headers.get(&X_REAL_IP).filter(|_| conn.trusted).cloned();
+    let real_ip = conn
+        .trusted
+        .then(|| headers.get(&X_REAL_IP))
+        .flatten()
+        .cloned();
     // nginx's $proxy_add_x_forwarded_for: the client's list, then the peer address.
     let mut xff = String::new();
     for v in headers.get_all(&X_FORWARDED_FOR) {
@@ -84,8 +150,13 @@ pub fn rewrite_request_headers(
             }
         }
     }
-    xff.push_str(&ip);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let xff = if xff.is_empty() {
+        ip.clone()
+    } else {
+        xff.push_str(&conn.remote.ip().to_string());
+        HeaderValue::from_str(&xff).ok()
+    };
+    if let Some(v) = xff {
         headers.insert(&X_FORWARDED_FOR, v);
     }
     match real_ip {
@@ -93,7 +164,7 @@ pub fn rewrite_request_headers(
             headers.insert(&X_REAL_IP, v);
         }
         None => {
-            if let Ok(v) = HeaderValue::from_str(&ip) {
+            if let Some(v) = ip {
                 headers.insert(&X_REAL_IP, v);
             }
         }
@@ -170,6 +241,23 @@ mod tests {
             };
             assert_eq!(h[&X_FORWARDED_PROTO], proto);
             assert_eq!(h[&X_REAL_IP], ip);
+        }
+    }
+
+    #[test]
+    fn peer_addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.200.3.45",
+            "::1",
+            "2001:db8::7",
+            "::ffff:192.0.2.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(ip).unwrap(), ip.to_string().as_str());
         }
     }
 

@@ -3,6 +3,9 @@
 
 use super::*;
 
+static DOCKER_CONTENT_DIGEST: header::HeaderName =
+    header::HeaderName::from_static("docker-content-digest");
+
 /// What the response tap needs to know about a manifest or blob read
 /// (the repository is the exchange's own copy).
 pub(super) struct ReadCtx {
@@ -69,23 +72,22 @@ impl Proxy {
         if status != StatusCode::OK || read.kind != RefKind::Manifest {
             return;
         }
-        let media_type = resp
-            .headers()
+        // Borrowed until it is known that something is to be done: a recently validated
+        // index (the steady state of a pulled tag) allocates nothing here.
+        let headers = resp.headers();
+        let media_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|ct| ct.to_str().ok())
-            .map(|ct| oci::media_type_essence(ct).to_owned())
-            .unwrap_or_default();
-        let kind = oci::manifest_kind(&media_type);
-        let digest = resp
-            .headers()
-            .get("docker-content-digest")
+            .map_or("", oci::media_type_essence);
+        let kind = oci::manifest_kind(media_type);
+        let digest = headers
+            .get(&DOCKER_CONTENT_DIGEST)
             .and_then(|d| d.to_str().ok())
-            .filter(|d| oci::is_sha256_digest(d))
-            .map(str::to_owned);
+            .filter(|d| oci::is_sha256_digest(d));
         // The vault wants each manifest once an hour per repository (its record's refresh).
-        let keep = match (&self.vault, &digest) {
+        let keep = match (&self.vault, digest) {
             (Some(vault), Some(d)) if kind.is_some() && vault.wants(repository, d) => {
-                Some((vault.clone(), d.clone()))
+                Some((vault.clone(), d.to_owned()))
             }
             _ => None,
         };
@@ -96,7 +98,7 @@ impl Proxy {
                 _ => return None,
             }
             let kind = kind.unwrap_or(ManifestKind::Index);
-            if let Some(d) = &digest {
+            if let Some(d) = digest {
                 if v.validator.recently_ok(repository, d, kind, v.blobs) {
                     return None;
                 }
@@ -104,7 +106,7 @@ impl Proxy {
             Some((
                 v.validator.clone(),
                 Job {
-                    digest: digest.clone(),
+                    digest: digest.map(str::to_owned),
                     repository: repository.to_owned(),
                     reference: read.reference.clone(),
                     body: None,
@@ -119,6 +121,7 @@ impl Proxy {
         if job.is_none() && keep.is_none() {
             return;
         }
+        let media_type = media_type.to_owned();
         // Without a copy of the body the vault's filler fetches the manifest by digest.
         let fetch_instead = {
             let keep = keep.clone();
@@ -210,9 +213,9 @@ impl Proxy {
         repository: &str,
         resp: &Response<ResponseBody>,
     ) {
-        let digest = ["docker-content-digest", "etag"]
-            .iter()
-            .filter_map(|h| resp.headers().get(*h))
+        let digest = [&DOCKER_CONTENT_DIGEST, &header::ETAG]
+            .into_iter()
+            .filter_map(|h| resp.headers().get(h))
             .chain(read.if_none_match.as_ref())
             .find_map(|v| {
                 let v = v

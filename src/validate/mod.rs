@@ -274,8 +274,14 @@ impl Validator {
     ) -> bool {
         let (repo, digest): (Arc<str>, Arc<str>) = (Arc::from(repository), Arc::from(digest));
         let recent = &self.shared.recent_ok;
-        let hit = recent.contains_key(&(repo.clone(), digest.clone(), true))
-            || (!blobs && recent.contains_key(&(repo, digest, false)));
+        // Without blob checks either entry will do; the one such a server inserts (`false`)
+        // is looked up first, so the steady state costs one lookup, not two.
+        let hit = if blobs {
+            recent.contains_key(&(repo, digest, true))
+        } else {
+            recent.contains_key(&(repo.clone(), digest.clone(), false))
+                || recent.contains_key(&(repo, digest, true))
+        };
         if hit && kind == ManifestKind::Index {
             self.shared.metrics.index_checks.inc(IndexCheck::Ok);
         }

@@ -373,9 +373,14 @@ impl Regguard {
     }
 
     pub fn start_with(upstream: &str, opts: RegguardOptions) -> Self {
+        Self::start_bin(env!("CARGO_BIN_EXE_regguard").as_ref(), upstream, opts)
+    }
+
+    /// Starts another build of regguard (a benchmark's baseline binary).
+    pub fn start_bin(bin: &Path, upstream: &str, opts: RegguardOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("regguard.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regguard"));
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             // Port 0 for both: the OS picks, regguard reports what it bound.
             .args(["--listen", "127.0.0.1:0"])
