@@ -153,6 +153,16 @@ impl Integrity {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether (repository, index, child) is known broken now.
+    pub fn is_broken(&self, repository: &str, index_digest: &str, child_digest: &str) -> bool {
+        let key = (
+            repository.to_string(),
+            index_digest.to_string(),
+            child_digest.to_string(),
+        );
+        self.lock().entries.contains_key(&key)
+    }
+
     /// Records a broken reference. Returns true when it was not known before.
     pub fn report_broken(&self, mut b: BrokenRef) -> bool {
         let key = (

@@ -159,7 +159,19 @@ impl Inspector {
             Outcome::Missing | Outcome::Mismatch { .. } => {
                 tally.broken += 1;
                 tally.broken_digests.insert(d.digest.clone());
-                let fresh = self.integrity.report_broken(BrokenRef {
+                // Detection is observed before the reference is reported, so whoever sees the
+                // gauge rise also sees the detection histogram counted.
+                let first =
+                    !self
+                        .integrity
+                        .is_broken(node.repository, node.root_digest, &d.digest);
+                if first {
+                    self.shared
+                        .metrics
+                        .detection
+                        .observe(node.seen_at.elapsed().as_secs_f64());
+                }
+                self.integrity.report_broken(BrokenRef {
                     repository: node.repository.to_string(),
                     reference: node.reference.to_string(),
                     index_digest: node.root_digest.to_string(),
@@ -173,12 +185,6 @@ impl Inspector {
                     size: d.size,
                     heal: Default::default(),
                 });
-                if fresh {
-                    self.shared
-                        .metrics
-                        .detection
-                        .observe(node.seen_at.elapsed().as_secs_f64());
-                }
             }
         }
     }
