@@ -161,10 +161,9 @@ impl Inspector {
                 tally.broken_digests.insert(d.digest.clone());
                 // Detection is observed before the reference is reported, so whoever sees the
                 // gauge rise also sees the detection histogram counted.
-                let first =
-                    !self
-                        .integrity
-                        .is_broken(node.repository, node.root_digest, &d.digest);
+                let first = !self
+                    .integrity
+                    .is_broken(node.repository, node.root_digest, &d.digest);
                 if first {
                     self.shared
                         .metrics
