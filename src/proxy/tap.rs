@@ -19,6 +19,30 @@ pub(super) struct ReadCtx {
     head: bool,
 }
 
+/// A served manifest the vault wants, and how to hand it over.
+struct VaultKeep {
+    vault: Arc<crate::vault::Vault>,
+    repository: String,
+    digest: String,
+    media_type: String,
+    auth: Option<HeaderValue>,
+}
+
+impl VaultKeep {
+    /// With the body copied as it streamed.
+    fn with_body(self, body: Bytes) {
+        let auth = self.auth.as_ref();
+        (self.vault).keep_manifest(&self.repository, &self.digest, &self.media_type, body, auth);
+    }
+
+    /// Without a copy: the vault's filler fetches the manifest by digest.
+    fn fetch(self) {
+        let auth = self.auth.as_ref();
+        let kind = RefKind::Manifest;
+        (self.vault).keep_reference(&self.repository, &self.digest, &self.media_type, kind, auth);
+    }
+}
+
 impl Proxy {
     /// For GET/HEAD of a manifest or blob with validation on: what the tap will need.
     pub(super) fn read_ctx(
@@ -87,7 +111,13 @@ impl Proxy {
         // The vault wants each manifest once an hour per repository (its record's refresh).
         let keep = match (&self.vault, digest) {
             (Some(vault), Some(d)) if kind.is_some() && vault.wants(repository, d) => {
-                Some((vault.clone(), d.to_owned()))
+                Some(VaultKeep {
+                    vault: vault.clone(),
+                    repository: repository.to_owned(),
+                    digest: d.to_owned(),
+                    media_type: media_type.to_owned(),
+                    auth: read.auth.clone(),
+                })
             }
             _ => None,
         };
@@ -121,29 +151,13 @@ impl Proxy {
         if job.is_none() && keep.is_none() {
             return;
         }
-        let media_type = media_type.to_owned();
-        // Without a copy of the body the vault's filler fetches the manifest by digest.
-        let fetch_instead = {
-            let keep = keep.clone();
-            let (repository, media_type, auth) =
-                (repository.to_owned(), media_type.clone(), read.auth.clone());
-            move || {
-                if let Some((vault, d)) = keep {
-                    vault.keep_reference(
-                        &repository,
-                        &d,
-                        &media_type,
-                        RefKind::Manifest,
-                        auth.as_ref(),
-                    );
-                }
-            }
-        };
         if read.head {
             if let Some((validator, job)) = job {
                 validator.submit(job);
             }
-            fetch_instead();
+            if let Some(k) = keep {
+                k.fetch();
+            }
             return;
         }
         // The copy counts against the manifest memory budget; with no room (or no known
@@ -162,18 +176,18 @@ impl Proxy {
             if let Some((validator, job)) = job {
                 validator.submit(job);
             }
-            fetch_instead();
+            if let Some(k) = keep {
+                k.fetch();
+            }
             return;
         };
         let limit = held.bytes().min(oci::MAX_MANIFEST_BYTES);
-        let (repository, auth) = (repository.to_owned(), read.auth);
         let deliver: crate::body::Deliver = Box::new(move |copy| {
-            match (&copy, &keep) {
-                (Some(body), Some((vault, d))) => {
-                    vault.keep_manifest(&repository, d, &media_type, body.clone(), auth.as_ref());
+            if let Some(k) = keep {
+                match &copy {
+                    Some(body) => k.with_body(body.clone()),
+                    None => k.fetch(),
                 }
-                (None, Some(_)) => fetch_instead(),
-                _ => {}
             }
             if let Some((validator, mut job)) = job {
                 if let Some(body) = copy {

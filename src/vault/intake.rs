@@ -49,13 +49,9 @@ impl Vault {
         auth: Option<&HeaderValue>,
         pushed: bool,
     ) {
-        if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
+        let Some(key) = self.fresh(repository, digest) else {
             return;
-        }
-        let key = Self::key(repository, digest);
-        if self.known.contains_key(&key) {
-            return;
-        }
+        };
         self.known.insert(key, ());
         let work = if self.reserve(body.len()) {
             Work::Manifest {
@@ -69,19 +65,26 @@ impl Vault {
             }
         } else {
             // The queue holds enough bytes: the filler fetches this one by digest.
-            Work::Reference {
-                repository: repository.to_owned(),
-                digest: digest.to_owned(),
-                media_type: media_type.to_owned(),
-                kind: RefKind::Manifest,
-                size: 0,
-                auth: auth.cloned(),
-                depth: 0,
+            fetch(
+                repository,
+                digest,
+                media_type,
+                RefKind::Manifest,
+                auth,
                 pushed,
-                wait_for_pull: false,
-            }
+            )
         };
         self.enqueue(work, repository, digest);
+    }
+
+    /// The key of a (repository, digest) the vault should be handed now: a name and digest
+    /// the registry would accept, not recorded (or queued) within the hour.
+    fn fresh(&self, repository: &str, digest: &str) -> Option<(Arc<str>, Arc<str>)> {
+        if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
+            return None;
+        }
+        let key = Self::key(repository, digest);
+        (!self.known.contains_key(&key)).then_some(key)
     }
 
     /// Counts `n` body bytes into the queue, if there is room.
@@ -118,13 +121,9 @@ impl Vault {
     /// only if they hash to `digest`). With `layers` off it is written only once a kept
     /// manifest names it as its config.
     pub fn keep_blob(&self, repository: &str, digest: &str, body: Bytes) {
-        if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
+        let Some(key) = self.fresh(repository, digest) else {
             return;
-        }
-        let key = Self::key(repository, digest);
-        if self.known.contains_key(&key) {
-            return;
-        }
+        };
         self.deleted.invalidate(&key); // uploaded again: a push
         if !self.settings.layers {
             // A config or a layer? The manifest will say; until then it waits in memory.
@@ -153,25 +152,11 @@ impl Vault {
         kind: RefKind,
         auth: Option<&HeaderValue>,
     ) {
-        if !crate::oci::is_sha256_digest(digest) || !crate::route::is_repository_name(repository) {
+        let Some(key) = self.fresh(repository, digest) else {
             return;
-        }
-        let key = Self::key(repository, digest);
-        if self.known.contains_key(&key) {
-            return;
-        }
-        self.known.insert(key, ());
-        let work = Work::Reference {
-            repository: repository.to_owned(),
-            digest: digest.to_owned(),
-            media_type: media_type.to_owned(),
-            kind,
-            size: 0,
-            auth: auth.cloned(),
-            depth: 0,
-            pushed: false,
-            wait_for_pull: false,
         };
+        self.known.insert(key, ());
+        let work = fetch(repository, digest, media_type, kind, auth, false);
         self.enqueue(work, repository, digest);
     }
 
@@ -187,7 +172,8 @@ impl Vault {
             return None;
         }
         let key = Self::key(repository, digest);
-        if !self.wants(repository, digest) && !self.awaiting_pull.contains_key(&key) {
+        // Not recorded within the hour, or queued by the filler for a pull to copy.
+        if self.known.contains_key(&key) && !self.awaiting_pull.contains_key(&key) {
             return None;
         }
         let permit = self.tee_slots.clone().try_acquire_owned().ok()?;
@@ -276,5 +262,27 @@ impl Vault {
             self.metrics.dropped.inc();
             self.known.invalidate(&Self::key(repository, digest));
         }
+    }
+}
+
+/// Work for the filler to fetch `digest` from the registry (its bytes are not at hand).
+fn fetch(
+    repository: &str,
+    digest: &str,
+    media_type: &str,
+    kind: RefKind,
+    auth: Option<&HeaderValue>,
+    pushed: bool,
+) -> Work {
+    Work::Reference {
+        repository: repository.to_owned(),
+        digest: digest.to_owned(),
+        media_type: media_type.to_owned(),
+        kind,
+        size: 0,
+        auth: auth.cloned(),
+        depth: 0,
+        pushed,
+        wait_for_pull: false,
     }
 }

@@ -449,21 +449,35 @@ impl Vault {
         self.deleted.contains_key(&Self::key(repository, digest))
     }
 
-    /// The verified bytes of manifest `digest` as seen in `repository`, with its record.
-    pub async fn manifest(
+    /// The record of `digest` as a `kind` seen in `repository`, unless it was deleted on
+    /// purpose (also when a record outlived a restart before the delete's cascade removed it).
+    async fn servable(
         &self,
         repository: &str,
         digest: &str,
-    ) -> Result<Option<(Seen, Bytes)>, StoreError> {
+        kind: RefKind,
+    ) -> Result<Option<Seen>, StoreError> {
         if self.just_deleted(repository, digest) {
             return Ok(None);
         }
         let Some(seen) = self.store.seen(repository, digest).await? else {
             return Ok(None);
         };
-        if seen.kind != RefKind::Manifest || self.store.is_tombstoned(repository, digest).await? {
+        if seen.kind != kind || self.store.is_tombstoned(repository, digest).await? {
             return Ok(None);
         }
+        Ok(Some(seen))
+    }
+
+    /// The verified bytes of manifest `digest` as seen in `repository`, with its record.
+    pub async fn manifest(
+        &self,
+        repository: &str,
+        digest: &str,
+    ) -> Result<Option<(Seen, Bytes)>, StoreError> {
+        let Some(seen) = self.servable(repository, digest, RefKind::Manifest).await? else {
+            return Ok(None);
+        };
         match self
             .store
             .read_verified(digest, crate::oci::MAX_MANIFEST_BYTES as u64)
@@ -488,17 +502,9 @@ impl Vault {
         repository: &str,
         digest: &str,
     ) -> Result<Option<(Seen, u64)>, StoreError> {
-        if self.just_deleted(repository, digest) {
-            return Ok(None);
-        }
-        let Some(seen) = self.store.seen(repository, digest).await? else {
+        let Some(seen) = self.servable(repository, digest, RefKind::Blob).await? else {
             return Ok(None);
         };
-        // Deleted on purpose (a record the delete's cascade has not removed yet, say after a
-        // restart): never served.
-        if seen.kind != RefKind::Blob || self.store.is_tombstoned(repository, digest).await? {
-            return Ok(None);
-        }
         let size = match self.verified.get(digest) {
             Some(size) => Some(size),
             None => match self.store.verify(digest).await {
