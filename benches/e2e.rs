@@ -22,6 +22,9 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
+
+use support::{cpu_seconds, env_num, get_req, median};
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,35 +41,6 @@ const GIB: u64 = 1024 * 1024 * 1024;
 const MANIFEST_CONNECTIONS: usize = 32;
 const STREAMS: usize = 256;
 const STREAM_BLOB: u64 = 16 * 1024 * 1024;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// CPU seconds (user + system) of a process and all its children (nginx workers).
-fn cpu_seconds(pid: u32) -> f64 {
-    let tick = 100.0; // CLK_TCK on Linux x86_64 and arm64.
-    let mut total = 0u64;
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let this: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
-        let ppid: u32 = fields[1].parse().unwrap_or(0);
-        if this == pid || ppid == pid {
-            total +=
-                fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-        }
-    }
-    total as f64 / tick
-}
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
@@ -91,14 +65,6 @@ async fn connect(addr: SocketAddr, tls: Option<&tokio_rustls::TlsConnector>) -> 
             send
         }
     }
-}
-
-fn get_req(addr: SocketAddr, path: &str, accept: bool) -> hyper::Request<Empty<Bytes>> {
-    let mut b = hyper::Request::get(path).header("host", addr.to_string());
-    if accept {
-        b = b.header("accept", ACCEPT_ALL);
-    }
-    b.body(Empty::new()).unwrap()
 }
 
 /// GETs a blob, discarding it; returns (bytes, seconds).
@@ -253,15 +219,6 @@ impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<I::Item>> {
         std::task::Poll::Ready(self.0.next())
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
     }
 }
 

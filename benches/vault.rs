@@ -26,6 +26,9 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
+
+use support::{cpu_seconds, env_num, get_req, median};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,35 +50,6 @@ const SERVED_FROM: &str = "x-regguard-served-from";
 const MANIFEST_WRITES: &str = r#"regguard_vault_writes_total{kind="manifest"}"#;
 const BLOB_WRITES: &str = r#"regguard_vault_writes_total{kind="blob"}"#;
 const SERVED_MANIFESTS: &str = r#"regguard_heal_served_total{kind="manifest"}"#;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// CPU seconds (user + system) of a process and its direct children.
-fn cpu_seconds(pid: u32) -> f64 {
-    let tick = 100.0; // CLK_TCK on Linux x86_64 and arm64.
-    let mut total = 0u64;
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(close) = stat.rfind(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let this: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
-        let ppid: u32 = fields[1].parse().unwrap_or(0);
-        if this == pid || ppid == pid {
-            total +=
-                fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-        }
-    }
-    total as f64 / tick
-}
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -113,14 +87,6 @@ async fn connect(addr: SocketAddr) -> Sender {
         .unwrap();
     tokio::spawn(conn);
     send
-}
-
-fn get_req(addr: SocketAddr, path: &str, accept: bool) -> hyper::Request<Empty<Bytes>> {
-    let mut b = hyper::Request::get(path).header("host", addr.to_string());
-    if accept {
-        b = b.header("accept", ACCEPT_ALL);
-    }
-    b.body(Empty::new()).unwrap()
 }
 
 /// GETs a blob on a new connection, discarding it; returns (bytes, seconds).
@@ -198,15 +164,6 @@ async fn load(addr: SocketAddr, path: &str, secs: f64) -> Load {
         rps: all.len() as f64 / secs,
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
     }
 }
 
