@@ -239,7 +239,7 @@ impl Proxy {
         let whole_blob = (named
             && route_kind == RouteKind::Blob
             && *req.method() == Method::GET
-            && self.vault.is_some()
+            && self.vault.as_ref().is_some_and(|v| v.settings().layers)
             && !req.headers().contains_key(header::RANGE))
         .then(|| route.reference.unwrap_or("").to_owned());
         // A DELETE by digest that the registry carries out takes it out of the vault too: it
