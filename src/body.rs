@@ -25,6 +25,44 @@ use tokio::time::{Instant, Sleep};
 /// The error type bodies carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+pin_project_lite::pin_project! {
+    /// A response body from the registry: hyper's, or the lean client's (`h1`).
+    #[project = InboundProj]
+    pub enum Inbound {
+        Pooled { #[pin] body: Incoming },
+        Direct { #[pin] body: crate::h1::Body },
+    }
+}
+
+impl Body for Inbound {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            InboundProj::Pooled { body } => body.poll_frame(cx).map_err(Into::into),
+            InboundProj::Direct { body } => body.poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inbound::Pooled { body } => body.is_end_stream(),
+            Inbound::Direct { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Inbound::Pooled { body } => body.size_hint(),
+            Inbound::Direct { body } => body.size_hint(),
+        }
+    }
+}
+
 /// Which way a metered body flows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -181,7 +219,7 @@ pub(crate) fn full_hint(data: &Option<Bytes>) -> SizeHint {
 pin_project_lite::pin_project! {
     #[project = ResponseKindProj]
     enum ResponseKind {
-        Upstream { #[pin] body: Metered<Incoming> },
+        Upstream { #[pin] body: Metered<Inbound> },
         Full { data: Option<Bytes> },
         Relayed { relay: Relay },
         Stream { #[pin] body: http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> },
@@ -210,7 +248,7 @@ impl Relay {
     /// Starts the relay task over `body`. `keep` lives as long as the task; `on_stall`
     /// runs if the client stops taking frames for `idle`.
     pub fn start(
-        body: Metered<Incoming>,
+        body: Metered<Inbound>,
         idle: Duration,
         keep: Option<Box<dyn std::any::Any + Send>>,
         mut tee: Option<Tee>,
@@ -402,7 +440,7 @@ impl ResponseBody {
     }
 
     /// The upstream's body, streamed through.
-    pub fn upstream(body: Metered<Incoming>) -> Self {
+    pub fn upstream(body: Metered<Inbound>) -> Self {
         ResponseBody {
             kind: ResponseKind::Upstream { body },
             exchange: None,

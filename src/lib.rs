@@ -24,6 +24,7 @@ pub mod conn;
 pub mod error;
 pub mod gate;
 pub mod gojson;
+pub mod h1;
 pub mod heal;
 pub mod inspect;
 pub mod integrity;

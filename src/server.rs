@@ -72,6 +72,8 @@ pub enum ServeError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Heal(#[from] crate::heal::run::StartError),
+    #[error("cannot start a serving thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// The addresses a running server actually bound (useful with port 0).
@@ -82,15 +84,16 @@ pub struct Bound {
 }
 
 /// Binds both listeners and serves until `shutdown` resolves, then drains. Phases:
-/// `upstream_pools`, `listen`, `wire` the components, `accept_until` shutdown,
-/// `drain`.
+/// `upstream_pools`, `listen`, `wire` the components, start the serving threads (each
+/// accepts until shutdown, then drains its own connections), and wait for them.
 pub async fn serve(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
     on_bound: impl FnOnce(Bound) + Send,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new()?);
-    let pools = upstream_pools(&settings)?;
+    let workers = serving_threads();
+    let pools = upstream_pools(&settings)?.with_workers(workers, &settings.upstream);
     let Listeners { public, admin, tls } = listen(&settings, &metrics, on_bound).await?;
     let (proxy, admin_service) = wire(&settings, &metrics, &pools)?;
 
@@ -98,25 +101,116 @@ pub async fn serve(
     let admin_task = tokio::spawn(admin_loop(
         admin,
         admin_service,
-        stop_rx,
+        stop_rx.clone(),
         AcceptBackoff::new("admin", metrics.admin_accept_errors.clone()),
     ));
-    let graceful = GracefulShutdown::new();
-    accept_until(
-        shutdown,
-        &public,
-        tls.as_ref(),
-        &settings,
-        &metrics,
-        &proxy,
-        &graceful,
-    )
-    .await;
-    drop(public);
+    let front = Arc::new(Front::new(&settings, &metrics, proxy, tls));
+    let threads = start_serving(workers, public, front, stop_rx).await?;
+    shutdown.await;
     let _ = stop_tx.send(true);
-    drain(settings.drain_timeout, graceful).await;
+    tracing::info!(
+        drain_timeout = ?settings.drain_timeout,
+        "shutting down: no new connections; waiting for in-flight requests"
+    );
+    let drained = tokio::task::spawn_blocking(move || {
+        // Every thread is joined, whatever the others say.
+        let each: Vec<bool> = threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or(false))
+            .collect();
+        each.into_iter().all(|drained| drained)
+    })
+    .await
+    .unwrap_or(false);
+    if drained {
+        tracing::info!("all connections drained");
+    } else {
+        tracing::warn!(
+            drain_timeout = ?settings.drain_timeout,
+            "drain timeout reached; cutting the remaining connections"
+        );
+    }
     let _ = admin_task.await;
     Ok(())
+}
+
+/// Serving threads: one per core this process may use (`available_parallelism` counts a
+/// cgroup's CPU quota). Each runs a single-threaded runtime that accepts from the shared
+/// listener and serves its connections start to end, with its own upstream connections
+/// (`upstream::Pools`), as nginx's workers do. Against the multi-threaded runtime this
+/// saves the work-stealing and cross-thread wake-ups of every request (measured in
+/// `benches/e2e.rs`, `BENCH_ONLY=manifest`); background work (validation, scan, vault,
+/// admin) stays on the main runtime.
+fn serving_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Starts `workers` serving threads on `public`. Each accepts until `stop` says so, then
+/// drains its connections for up to the drain timeout; its join handle says whether they
+/// all finished in time. Returns once every thread is accepting.
+async fn start_serving(
+    workers: usize,
+    public: TcpListener,
+    front: Arc<Front>,
+    stop: watch::Receiver<bool>,
+) -> Result<Vec<std::thread::JoinHandle<bool>>, ServeError> {
+    let listener = public.into_std().map_err(ServeError::Thread)?;
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut threads = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let listener = listener.try_clone().map_err(ServeError::Thread)?;
+        let (front, mut stop, ready) = (front.clone(), stop.clone(), ready_tx.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("regguard-serve-{worker}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return true;
+                    }
+                };
+                runtime.block_on(async move {
+                    crate::upstream::Pools::enter_worker(worker);
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return true;
+                        }
+                    };
+                    let _ = ready.send(Ok(()));
+                    let graceful = GracefulShutdown::new();
+                    let stopped = async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    };
+                    accept_until(stopped, &listener, &front, &graceful).await;
+                    drop(listener);
+                    tokio::time::timeout(front.drain_timeout, graceful.shutdown())
+                        .await
+                        .is_ok()
+                })
+                // Dropping the runtime here cuts whatever the drain left running.
+            })
+            .map_err(ServeError::Thread)?;
+        threads.push(thread);
+    }
+    drop(ready_tx);
+    for _ in 0..workers {
+        match ready_rx.recv().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(ServeError::Thread(e)),
+            None => {
+                return Err(ServeError::Thread(std::io::Error::other(
+                    "a serving thread ended before it started",
+                )))
+            }
+        }
+    }
+    Ok(threads)
 }
 
 /// The pools every upstream request goes through. Both, and so the checker, scan and
@@ -290,29 +384,61 @@ fn wire(
     Ok((proxy, admin))
 }
 
+/// What every serving thread shares: the proxy, the TLS acceptor, and the limits and
+/// deadlines of client connections.
+struct Front {
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+    tls: Option<TlsAcceptor>,
+    builder: auto::Builder<TokioExecutor>,
+    slots: Arc<Slots>,
+    refusals: Arc<Semaphore>,
+    deadlines: Arc<Deadlines>,
+    header_read_timeout: Duration,
+    max_connections: usize,
+    trusted_proxies: Vec<std::net::IpAddr>,
+    drain_timeout: Duration,
+}
+
+impl Front {
+    fn new(
+        settings: &Settings,
+        metrics: &Arc<Metrics>,
+        proxy: Arc<Proxy>,
+        tls: Option<TlsAcceptor>,
+    ) -> Self {
+        Front {
+            proxy,
+            metrics: metrics.clone(),
+            tls,
+            builder: connection_builder(settings),
+            slots: Slots::new(settings.max_connections, metrics.connections_open.clone()),
+            refusals: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
+            deadlines: Arc::new(Deadlines {
+                idle: settings.header_read_timeout,
+                write_stall: settings.idle_timeout,
+                idle_closed: metrics.connections_idle_closed.clone(),
+                write_stalled: metrics.connections_write_stalled.clone(),
+            }),
+            header_read_timeout: settings.header_read_timeout,
+            max_connections: settings.max_connections,
+            trusted_proxies: settings.trusted_proxies.clone(),
+            drain_timeout: settings.drain_timeout,
+        }
+    }
+}
+
 /// Accepts client connections until `shutdown` resolves: each within the connection cap
 /// gets its own task (TLS handshake, then HTTP/1.1 or HTTP/2); one over the cap is
 /// refused (with a 503 in plain HTTP, at most [`REFUSALS_AT_ONCE`] at a time).
 async fn accept_until(
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = ()>,
     public: &TcpListener,
-    tls: Option<&TlsAcceptor>,
-    settings: &Settings,
-    metrics: &Arc<Metrics>,
-    proxy: &Arc<Proxy>,
+    front: &Front,
     graceful: &GracefulShutdown,
 ) {
-    let builder = connection_builder(settings);
-    let slots = Slots::new(settings.max_connections, metrics.connections_open.clone());
-    let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
-    let deadlines = Arc::new(Deadlines {
-        idle: settings.header_read_timeout,
-        write_stall: settings.idle_timeout,
-        idle_closed: metrics.connections_idle_closed.clone(),
-        write_stalled: metrics.connections_write_stalled.clone(),
-    });
+    let metrics = &front.metrics;
     let mut backoff = AcceptBackoff::new("public", metrics.accept_errors.clone());
-
     tokio::pin!(shutdown);
     loop {
         let (stream, remote) = tokio::select! {
@@ -321,12 +447,12 @@ async fn accept_until(
         };
         let accepted_at = Instant::now();
         metrics.connections_total.inc();
-        let Some(slot) = slots.try_acquire() else {
+        let Some(slot) = front.slots.try_acquire() else {
             metrics.connections_refused.inc();
-            tracing::debug!(client = %remote, max = settings.max_connections, "connection refused: too many open");
+            tracing::debug!(client = %remote, max = front.max_connections, "connection refused: too many open");
             // Over TLS there is no cheap way to say why: close at once.
-            if tls.is_none() {
-                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+            if front.tls.is_none() {
+                if let Ok(permit) = front.refusals.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         refuse(stream).await;
                         drop(permit);
@@ -338,20 +464,20 @@ async fn accept_until(
         let _ = stream.set_nodelay(true);
         let conn = ConnInfo {
             remote,
-            tls: tls.is_some(),
-            trusted: settings.trusted_proxies.contains(&remote.ip()),
+            tls: front.tls.is_some(),
+            trusted: front.trusted_proxies.contains(&remote.ip()),
         };
         let task = ConnTask {
-            proxy: proxy.clone(),
+            proxy: front.proxy.clone(),
             metrics: metrics.clone(),
-            builder: builder.clone(),
+            builder: front.builder.clone(),
             watcher: graceful.watcher(),
-            header_read_timeout: settings.header_read_timeout,
-            deadlines: deadlines.clone(),
+            header_read_timeout: front.header_read_timeout,
+            deadlines: front.deadlines.clone(),
             slot,
             accepted_at,
         };
-        match tls {
+        match &front.tls {
             Some(acceptor) => {
                 tokio::spawn(task.serve_tls(acceptor.clone(), stream, conn));
             }
@@ -359,21 +485,6 @@ async fn accept_until(
                 tokio::spawn(task.serve_io(stream, conn));
             }
         }
-    }
-}
-
-/// Waits up to `timeout` for the connections in flight to finish, then lets them be cut.
-async fn drain(timeout: Duration, graceful: GracefulShutdown) {
-    tracing::info!(
-        drain_timeout = ?timeout,
-        "shutting down: no new connections; waiting for in-flight requests"
-    );
-    match tokio::time::timeout(timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!(
-            drain_timeout = ?timeout,
-            "drain timeout reached; cutting the remaining connections"
-        ),
     }
 }
 

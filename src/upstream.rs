@@ -171,12 +171,45 @@ pub fn own_request(
     Ok(req)
 }
 
-/// The two pools and the bulk budget.
+/// The two pools and the bulk budget, once per serving thread.
+///
+/// A pooled connection is a task on the runtime that dialled it. Each serving thread runs
+/// its own single-threaded runtime (see `server`), so each has its own pair of pools: a
+/// request is written and its response read by the thread that serves the client, with no
+/// wake-up of another thread in between (as nginx keeps upstream connections per worker).
+/// Shard 0 belongs to every other thread (background work, the CLI).
 #[derive(Clone)]
 pub struct Pools {
+    /// Shard 0: every thread that is not a serving thread.
+    first: Shard,
+    /// One shard per serving thread.
+    workers: Arc<[Shard]>,
+    bulk_in_use: Arc<AtomicUsize>,
+    connector: HttpsConnector<HttpConnector>,
+    connect_timeout: Duration,
+}
+
+#[derive(Clone)]
+struct Shard {
     lean: UpstreamClient,
     bulk: UpstreamClient,
-    bulk_in_use: Arc<AtomicUsize>,
+    /// The lean HTTP/1.1 client for bodiless requests, when the registry speaks plain HTTP.
+    direct: Option<crate::h1::Pool>,
+}
+
+impl Shard {
+    fn new(connector: &HttpsConnector<HttpConnector>) -> Self {
+        Shard {
+            lean: build(connector.clone(), LEAN_READ_BUF),
+            bulk: build(connector.clone(), BULK_READ_BUF),
+            direct: None,
+        }
+    }
+}
+
+std::thread_local! {
+    /// Which shard this thread uses: 0 unless [`Pools::enter_worker`] said otherwise.
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// A claim on one bulk stream; released when dropped (when the response body ends).
@@ -207,22 +240,67 @@ impl Pools {
             .enable_http1()
             .wrap_connector(http);
         Pools {
-            lean: build(connector.clone(), LEAN_READ_BUF),
-            bulk: build(connector, BULK_READ_BUF),
+            first: Shard::new(&connector),
+            workers: Arc::new([]),
             bulk_in_use: Arc::new(AtomicUsize::new(0)),
+            connector,
+            connect_timeout,
         }
+    }
+
+    /// The same pools with a shard for each of `workers` serving threads besides shard 0,
+    /// each with its own [`crate::h1`] client when `upstream` is plain HTTP. The bulk
+    /// budget stays one budget across all of them.
+    pub fn with_workers(self, workers: usize, upstream: &crate::config::Upstream) -> Self {
+        let direct = || {
+            (upstream.scheme == http::uri::Scheme::HTTP).then(|| {
+                crate::h1::Pool::new(
+                    upstream.authority.host(),
+                    upstream.authority.port_u16().unwrap_or(80),
+                    self.connect_timeout,
+                    TCP_KEEPALIVE,
+                    POOL_IDLE,
+                )
+            })
+        };
+        let workers = (0..workers)
+            .map(|_| Shard {
+                direct: direct(),
+                ..Shard::new(&self.connector)
+            })
+            .collect();
+        Pools { workers, ..self }
+    }
+
+    /// Makes the calling thread use shard `worker + 1` of every `Pools` from now on. Called
+    /// once by each serving thread before it serves.
+    pub fn enter_worker(worker: usize) {
+        SHARD.with(|s| s.set(worker + 1));
+    }
+
+    fn shard(&self) -> &Shard {
+        let i = SHARD.with(|s| s.get());
+        i.checked_sub(1)
+            .and_then(|w| self.workers.get(w))
+            .unwrap_or(&self.first)
+    }
+
+    /// The lean client of this thread for bodiless requests, if there is one (serving
+    /// threads, plain-HTTP registry).
+    pub fn direct(&self) -> Option<&crate::h1::Pool> {
+        self.shard().direct.as_ref()
     }
 
     /// The client for small exchanges and for regguard's own requests.
     pub fn lean(&self) -> &UpstreamClient {
-        &self.lean
+        &self.shard().lean
     }
 
     /// The bulk client with a permit, if the budget allows; else `None`.
     pub fn try_bulk(&self) -> Option<(&UpstreamClient, BulkPermit)> {
         let prev = self.bulk_in_use.fetch_add(1, Ordering::Relaxed);
         let permit = BulkPermit(self.bulk_in_use.clone());
-        (prev < BULK_STREAMS).then_some((&self.bulk, permit))
+        (prev < BULK_STREAMS).then_some((&self.shard().bulk, permit))
     }
 }
 

@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::Tap;
-use crate::body::{Direction, Metered, ResponseBody, Tally};
+use crate::body::{Direction, Inbound, Metered, ResponseBody, Tally};
 use crate::checker::RefKind;
 use crate::config::Upstream;
 use crate::error::ForwardError;
@@ -350,19 +350,32 @@ impl Proxy {
         copies: Copies<'_>,
     ) -> Result<Response<ResponseBody>, ForwardError> {
         let tally = exchange.tally.clone();
-        // Blob downloads get large upstream reads while the bulk budget lasts (see `upstream`).
-        let client = match (exchange.route, req.method()) {
-            (RouteKind::Blob, &Method::GET) => match self.pools.try_bulk() {
+        let bodiless = http_body::Body::is_end_stream(req.body());
+        let blob_get = exchange.route == RouteKind::Blob && req.method() == Method::GET;
+        let via = match self.pools.direct() {
+            // Bodiless requests other than blob downloads (manifests, tags, catalog, every
+            // HEAD) take the lean client (see `h1`); blob downloads keep the large reads
+            // and the HTTP/2 relay of the pooled client.
+            Some(direct)
+                if bodiless
+                    && !blob_get
+                    && copies.request.is_none()
+                    && matches!(*req.method(), Method::GET | Method::HEAD) =>
+            {
+                Via::Direct(direct)
+            }
+            // Blob downloads get large upstream reads while the bulk budget lasts (see `upstream`).
+            _ if blob_get => match self.pools.try_bulk() {
                 Some((client, permit)) => {
                     exchange._bulk = Some(permit);
-                    client
+                    Via::Pooled(client)
                 }
-                None => self.pools.lean(),
+                None => Via::Pooled(self.pools.lean()),
             },
-            _ => self.pools.lean(),
+            _ => Via::Pooled(self.pools.lean()),
         };
         let (head, body) = req.into_parts();
-        if http_body::Body::is_end_stream(&body) {
+        if bodiless {
             tally.request_done.notify_one(); // nothing to send: the wait starts now
         }
         let h2_download = head.version == Version::HTTP_2
@@ -373,7 +386,7 @@ impl Proxy {
             Some(tap) => UpstreamBody::Tapped { body, tap },
             None => UpstreamBody::Client { body },
         };
-        let mut resp = self.send(client, head, body, conn, tally).await?;
+        let mut resp = self.send(via, head, body, conn, tally).await?;
         // A whole blob the vault keeps (`vault.layers`): copied as it streams to the client
         // (attached before an HTTP/2 download is handed to its relay task, which feeds it).
         if let (Some(vault), Some(digest), Some(repository)) = (
@@ -410,30 +423,47 @@ impl Proxy {
     /// Sends a request head and body upstream and relays the response head.
     async fn send(
         &self,
-        client: &crate::upstream::UpstreamClient,
+        via: Via<'_>,
         mut head: http::request::Parts,
         body: UpstreamBody,
         conn: ConnInfo,
         tally: Arc<Tally>,
     ) -> Result<Response<ResponseBody>, ForwardError> {
-        let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let uri = self
-            .upstream
-            .uri_for(path_and_query)
-            .map_err(|e| ForwardError::Unreachable(format!("cannot build upstream URI: {e}")))?;
         rewrite_request_headers(
             &mut head.headers,
             head.uri.authority(),
             conn,
             &self.upstream,
         );
-        head.uri = uri;
         head.version = Version::HTTP_11;
 
         // The wait for the response head starts when the request body has been sent
         // (nginx's proxy_read_timeout); while it streams, the body's own idle timeout
         // guards against a stalled client. A 6 s upload with a 2 s idle timeout works.
-        let request = client.request(Request::from_parts(head, body));
+        let request = async {
+            match via {
+                Via::Pooled(client) => {
+                    let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                    head.uri = self
+                        .upstream
+                        .uri_for(path_and_query)
+                        .map_err(SendError::Uri)?;
+                    client
+                        .request(Request::from_parts(head, body))
+                        .await
+                        .map(|r| r.map(|body| Inbound::Pooled { body }))
+                        .map_err(SendError::Pooled)
+                }
+                Via::Direct(direct) => {
+                    let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                    direct
+                        .send(&head.method, path_and_query, &head.headers)
+                        .await
+                        .map(|r| r.map(|body| Inbound::Direct { body }))
+                        .map_err(SendError::Direct)
+                }
+            }
+        };
         let idle = self.idle_timeout;
         let head_deadline = async {
             tally.request_done.notified().await;
@@ -475,11 +505,20 @@ impl Proxy {
 }
 
 impl Proxy {
-    fn classify_client_error(
-        &self,
-        e: &hyper_util::client::legacy::Error,
-        tally: &Tally,
-    ) -> ForwardError {
+    fn classify_client_error(&self, e: &SendError, tally: &Tally) -> ForwardError {
+        let e = match e {
+            SendError::Uri(e) => {
+                return ForwardError::Unreachable(format!("cannot build upstream URI: {e}"))
+            }
+            SendError::Pooled(e) => e,
+            SendError::Direct(e) if e.is_connect_timeout() => {
+                return ForwardError::Timeout {
+                    stage: "connect",
+                    after: self.connect_timeout,
+                }
+            }
+            SendError::Direct(e) => return ForwardError::Unreachable(error_chain(e)),
+        };
         if tally.request_failed.load(Ordering::Relaxed) {
             return ForwardError::ClientAborted(error_chain(e));
         }
@@ -494,6 +533,21 @@ impl Proxy {
         }
         ForwardError::Unreachable(error_chain(e))
     }
+}
+
+/// Which client carries a request upstream.
+enum Via<'a> {
+    /// hyper-util's pooled client (anything with a body, blob downloads, `https://`).
+    Pooled(&'a crate::upstream::UpstreamClient),
+    /// This serving thread's lean HTTP/1.1 client (see `h1`).
+    Direct(&'a crate::h1::Pool),
+}
+
+/// Why a request got no response head, by the client that carried it.
+enum SendError {
+    Uri(http::Error),
+    Pooled(hyper_util::client::legacy::Error),
+    Direct(crate::h1::Error),
 }
 
 /// The rustls error behind a failed `https://` connect, if that is why it failed.

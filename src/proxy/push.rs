@@ -121,7 +121,7 @@ impl Proxy {
         };
         let resp = self
             .send(
-                self.pools.lean(),
+                super::Via::Pooled(self.pools.lean()),
                 pushed.head,
                 body,
                 conn,
