@@ -82,7 +82,7 @@ struct Inner {
 }
 
 struct Idle {
-    io: TcpStream,
+    conn: Conn,
     since: Instant,
 }
 
@@ -114,27 +114,37 @@ impl Pool {
 
     /// Sends a bodiless `method` request for `path_and_query` with `headers` (already
     /// rewritten by the caller, `Host` included) and returns the response head with a body
-    /// that streams from the connection. A pooled connection that turns out to be closed
-    /// (nothing was received on it) is replaced once by a new one: GET and HEAD are safe
-    /// to repeat.
+    /// that streams from the connection.
     pub async fn send(
         &self,
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
     ) -> Result<Response<Body>, Error> {
-        let mut wire = Vec::with_capacity(256 + headers.len() * 48);
-        encode_head(method, path_and_query, headers, &mut wire);
-        let head_only = method == Method::HEAD;
-        if let Some(io) = self.inner.checkout() {
-            match self.exchange(io, &wire, head_only).await {
+        self.send_with(*method == Method::HEAD, |out| {
+            encode_head(method, path_and_query, headers, out)
+        })
+        .await
+    }
+
+    /// Sends the bodiless request that `encode` writes (request line, header fields, blank
+    /// line; see [`encode_head`]); `head_only` for HEAD. A pooled connection that turns out
+    /// to be closed (nothing was received on it) is replaced once by a new one: GET and
+    /// HEAD are safe to repeat.
+    pub async fn send_with(
+        &self,
+        head_only: bool,
+        encode: impl Fn(&mut BytesMut),
+    ) -> Result<Response<Body>, Error> {
+        if let Some(conn) = self.inner.checkout() {
+            match self.exchange(conn, &encode, head_only).await {
                 Err(Attempt::Stale(_)) => {}
                 Err(Attempt::Failed(e)) => return Err(e),
                 Ok(resp) => return Ok(resp),
             }
         }
-        let io = self.inner.connect().await?;
-        match self.exchange(io, &wire, head_only).await {
+        let conn = self.inner.connect().await?;
+        match self.exchange(conn, &encode, head_only).await {
             Ok(resp) => Ok(resp),
             Err(Attempt::Stale(e) | Attempt::Failed(e)) => Err(e),
         }
@@ -142,14 +152,20 @@ impl Pool {
 
     async fn exchange(
         &self,
-        mut io: TcpStream,
-        wire: &[u8],
+        conn: Conn,
+        encode: &impl Fn(&mut BytesMut),
         head_only: bool,
     ) -> Result<Response<Body>, Attempt> {
-        if let Err(e) = io.write_all(wire).await {
+        let Conn { mut io, mut buf } = conn;
+        // The connection's buffer carries the request head out, then the response in; the
+        // frames of the last response are gone by now, so no new allocation is needed.
+        buf.clear();
+        buf.reserve(READ_SIZE);
+        encode(&mut buf);
+        if let Err(e) = io.write_all(&buf).await {
             return Err(Attempt::Stale(e.into()));
         }
-        let mut buf = BytesMut::with_capacity(READ_SIZE);
+        buf.clear();
         // Nothing at all back means a pooled connection the registry had closed.
         match io.read_buf(&mut buf).await {
             Ok(0) => return Err(Attempt::Stale(Error::Closed)),
@@ -195,6 +211,12 @@ impl Pool {
     }
 }
 
+/// A connection and its buffer, which it keeps while idle.
+struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
 /// How one attempt on a connection failed: `Stale` when nothing came back (a pooled
 /// connection the registry had closed), so the request may be sent again.
 enum Attempt {
@@ -203,7 +225,7 @@ enum Attempt {
 }
 
 impl Inner {
-    fn checkout(&self) -> Option<TcpStream> {
+    fn checkout(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(c) = idle.pop_back() {
             if c.since.elapsed() > self.idle_for {
@@ -212,15 +234,15 @@ impl Inner {
             }
             // A close (or stray bytes) the reactor has seen makes the socket readable.
             let mut probe = [0u8; 1];
-            match c.io.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(c.io),
+            match c.conn.io.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(c.conn),
                 _ => continue,
             }
         }
         None
     }
 
-    fn checkin(&self, io: TcpStream) {
+    fn checkin(&self, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while idle
             .front()
@@ -232,12 +254,12 @@ impl Inner {
             idle.pop_front();
         }
         idle.push_back(Idle {
-            io,
+            conn,
             since: Instant::now(),
         });
     }
 
-    async fn connect(&self) -> Result<TcpStream, Error> {
+    async fn connect(&self) -> Result<Conn, Error> {
         let addr = || format!("{}:{}", self.host, self.port);
         let connecting = async {
             let mut last = None;
@@ -263,15 +285,18 @@ impl Inner {
         let _ = io.set_nodelay(true);
         let _ = socket2::SockRef::from(&io)
             .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(self.keepalive));
-        Ok(io)
+        Ok(Conn {
+            io,
+            buf: BytesMut::with_capacity(READ_SIZE),
+        })
     }
 }
 
 /// Writes `METHOD path HTTP/1.1`, the header fields and the blank line. `http`'s types
 /// cannot hold a CR or LF in a method, path, name or value, so nothing can be smuggled in.
-fn encode_head(method: &Method, path_and_query: &str, headers: &HeaderMap, out: &mut Vec<u8>) {
+pub fn encode_head(method: &Method, path_and_query: &str, headers: &HeaderMap, out: &mut BytesMut) {
     out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
+    out.extend_from_slice(b" ");
     out.extend_from_slice(path_and_query.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
@@ -327,19 +352,34 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
         Version::HTTP_10
     };
     // Values are slices of the head's own bytes (no copy); names are interned or copied.
+    if len > usize::from(u16::MAX) {
+        return Err(Error::Malformed("response head too large"));
+    }
+    // Where each field lies in the head (offsets fit in u16: the head is shorter than 64
+    // KiB), so the head can be split off the buffer and its values shared, not copied.
     let base = buf.as_ptr() as usize;
-    let mut spans = Vec::with_capacity(resp.headers.len());
-    for f in resp.headers.iter() {
-        let name = HeaderName::from_bytes(f.name.as_bytes())
-            .map_err(|_| Error::Malformed("invalid header name"))?;
-        let start = f.value.as_ptr() as usize - base;
-        spans.push((name, start..start + f.value.len()));
+    let offset = |p: *const u8| u16::try_from(p as usize - base).unwrap_or(0);
+    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
+    let count = resp.headers.len();
+    for (span, f) in spans.iter_mut().zip(resp.headers.iter()) {
+        let (name, value) = (offset(f.name.as_ptr()), offset(f.value.as_ptr()));
+        // Lengths within a head under 64 KiB fit as well.
+        let (nl, vl) = (f.name.len() as u16, f.value.len() as u16);
+        *span = (name, name + nl, value, value + vl);
     }
     let head_bytes = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name, span) in spans {
-        let value = HeaderValue::from_maybe_shared(head_bytes.slice(span))
-            .map_err(|_| Error::Malformed("invalid header value"))?;
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(n0, n1, v0, v1) in spans.iter().take(count) {
+        let (n0, n1, v0, v1) = (n0.into(), n1.into(), v0.into(), v1.into());
+        let name = head_bytes
+            .get(n0..n1)
+            .and_then(|n| HeaderName::from_bytes(n).ok())
+            .ok_or(Error::Malformed("invalid header name"))?;
+        let value = head_bytes
+            .get(v0..v1)
+            .map(|_| head_bytes.slice(v0..v1))
+            .and_then(|v| HeaderValue::from_maybe_shared(v).ok())
+            .ok_or(Error::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
     let (framing, mut keep_alive) = framing(&headers, status, head_only)?;
@@ -477,7 +517,8 @@ impl Body {
         if self.is_done() {
             if let Some(io) = self.conn.take() {
                 if self.keep_alive && self.buf.is_empty() {
-                    self.pool.checkin(io);
+                    let buf = std::mem::take(&mut self.buf);
+                    self.pool.checkin(Conn { io, buf });
                 }
             }
         }
@@ -890,13 +931,13 @@ mod tests {
 
     #[test]
     fn the_request_head_is_written_as_given() {
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         let mut h = HeaderMap::new();
         h.insert(http::header::HOST, HeaderValue::from_static("r:5050"));
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         encode_head(&Method::GET, "/v2/a/manifests/v1?x=1", &h, &mut out);
         assert_eq!(
-            out,
+            &out[..],
             b"GET /v2/a/manifests/v1?x=1 HTTP/1.1\r\nhost: r:5050\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
         );
     }

@@ -12,6 +12,33 @@ use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
+/// Where work handed over by the request path runs: the runtime that was current when the
+/// component was built (the main runtime, in `server::serve`), not the serving thread that
+/// happens to hand it over. A serving thread's runtime is single-threaded; a vault write or
+/// a re-check spawned there would wait behind the connections it serves (and a layer copy
+/// fall behind the pull it copies).
+#[derive(Debug, Clone)]
+pub struct Background(Option<tokio::runtime::Handle>);
+
+impl Background {
+    /// The runtime current now (none outside a runtime: then each spawn uses its caller's).
+    pub fn here() -> Self {
+        Background(tokio::runtime::Handle::try_current().ok())
+    }
+
+    /// Runs `task` on that runtime.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.0 {
+            Some(handle) => handle.spawn(task),
+            None => tokio::spawn(task),
+        }
+    }
+}
+
 /// First wait before a restart; doubled per consecutive failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// A task that keeps dying is retried at this pace, never faster.

@@ -118,60 +118,134 @@ pub fn rewrite_request_headers(
         headers.remove(&X_FORWARDED_HOST);
         headers.remove(&FORWARDED);
     }
+    Forwarding::of(headers, authority, conn, upstream).insert_into(headers);
+}
 
-    // Host with its port (nginx's `Host $http_host`). HTTP/2 clients send :authority instead.
-    if !headers.contains_key(header::HOST) {
-        let host = authority
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .unwrap_or_else(|| upstream.host_header.clone());
-        headers.insert(header::HOST, host);
-    }
+/// The fields regguard sets on a forwarded request (Host when the client sent none, and
+/// X-Forwarded-For, X-Real-IP, X-Forwarded-Proto), decided once from the client's head.
+/// They go either into the header map (see [`rewrite_request_headers`]) or, for the lean
+/// client, straight into the request head it writes (see [`Forwarding::encode`]): one
+/// policy, two ways out.
+pub struct Forwarding {
+    host: Option<HeaderValue>,
+    forwarded_for: Option<HeaderValue>,
+    real_ip: Option<HeaderValue>,
+    proto: HeaderValue,
+}
 
-    let ip = ip_value(conn.remote.ip());
-    // Only a trusted peer's say is read (and so looked up) at all.
-    let forwarded_proto = conn
-        .trusted
-        .then(|| headers.get(&X_FORWARDED_PROTO))
-        .flatten()
-        .filter(|v| *v == "https" || *v == "http")
-        .cloned();
-    let real_ip = conn
-        .trusted
-        .then(|| headers.get(&X_REAL_IP))
-        .flatten()
-        .cloned();
-    // nginx's $proxy_add_x_forwarded_for: the client's list, then the peer address.
-    let mut xff = String::new();
-    for v in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(s) = v.to_str() {
-            if !s.trim().is_empty() {
-                xff.push_str(s.trim());
-                xff.push_str(", ");
+impl Forwarding {
+    /// What to set, given the client's head (after hop-by-hop removal, if any).
+    pub fn of(
+        headers: &HeaderMap,
+        authority: Option<&http::uri::Authority>,
+        conn: ConnInfo,
+        upstream: &Upstream,
+    ) -> Self {
+        // Host with its port (nginx's `Host $http_host`). HTTP/2 clients send :authority instead.
+        let host = (!headers.contains_key(header::HOST)).then(|| {
+            authority
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .unwrap_or_else(|| upstream.host_header.clone())
+        });
+        let ip = ip_value(conn.remote.ip());
+        // Only a trusted peer's say is read (and so looked up) at all.
+        let forwarded_proto = conn
+            .trusted
+            .then(|| headers.get(&X_FORWARDED_PROTO))
+            .flatten()
+            .filter(|v| *v == "https" || *v == "http")
+            .cloned();
+        let real_ip = conn
+            .trusted
+            .then(|| headers.get(&X_REAL_IP))
+            .flatten()
+            .cloned()
+            .or_else(|| ip.clone());
+        // nginx's $proxy_add_x_forwarded_for: the client's list, then the peer address.
+        let mut xff = String::new();
+        for v in headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(s) = v.to_str() {
+                if !s.trim().is_empty() {
+                    xff.push_str(s.trim());
+                    xff.push_str(", ");
+                }
             }
         }
+        let forwarded_for = if xff.is_empty() {
+            ip
+        } else {
+            xff.push_str(&conn.remote.ip().to_string());
+            HeaderValue::from_str(&xff).ok()
+        };
+        let proto = forwarded_proto
+            .unwrap_or_else(|| HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
+        Forwarding {
+            host,
+            forwarded_for,
+            real_ip,
+            proto,
+        }
     }
-    let xff = if xff.is_empty() {
-        ip.clone()
-    } else {
-        xff.push_str(&conn.remote.ip().to_string());
-        HeaderValue::from_str(&xff).ok()
-    };
-    if let Some(v) = xff {
-        headers.insert(&X_FORWARDED_FOR, v);
-    }
-    match real_ip {
-        Some(v) => {
+
+    fn insert_into(self, headers: &mut HeaderMap) {
+        if let Some(host) = self.host {
+            headers.insert(header::HOST, host);
+        }
+        if let Some(v) = self.forwarded_for {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
+        if let Some(v) = self.real_ip {
             headers.insert(&X_REAL_IP, v);
         }
-        None => {
-            if let Some(v) = ip {
-                headers.insert(&X_REAL_IP, v);
+        headers.insert(&X_FORWARDED_PROTO, self.proto);
+    }
+
+    /// Whether the lean client can write this head as it is: a `Connection` field names
+    /// other fields to remove, which only the header map rewrite handles.
+    pub fn can_encode(headers: &HeaderMap) -> bool {
+        !headers.contains_key(header::CONNECTION)
+    }
+
+    /// Writes the upstream request head for the lean client: the request line, the
+    /// client's fields but those [`rewrite_request_headers`] removes or replaces, then
+    /// these. The same head as rewriting the map and writing it out (a unit test holds the
+    /// two to that), without changing the map. Only for heads [`Forwarding::can_encode`].
+    pub fn encode(
+        &self,
+        method: &http::Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        out: &mut bytes::BytesMut,
+    ) {
+        let field = |out: &mut bytes::BytesMut, name: &HeaderName, value: &HeaderValue| {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        };
+        out.extend_from_slice(method.as_str().as_bytes());
+        out.extend_from_slice(b" ");
+        out.extend_from_slice(path_and_query.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in headers {
+            let replaced =
+                name == X_FORWARDED_FOR || name == X_REAL_IP || name == X_FORWARDED_PROTO;
+            if !replaced && !is_hop_by_hop(name) && !is_dropped_request_field(name) {
+                field(out, name, value);
             }
         }
+        if let Some(host) = &self.host {
+            field(out, &header::HOST, host);
+        }
+        if let Some(v) = &self.forwarded_for {
+            field(out, &X_FORWARDED_FOR, v);
+        }
+        if let Some(v) = &self.real_ip {
+            field(out, &X_REAL_IP, v);
+        }
+        field(out, &X_FORWARDED_PROTO, &self.proto);
+        out.extend_from_slice(b"\r\n");
     }
-    let proto = forwarded_proto
-        .unwrap_or_else(|| HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
-    headers.insert(&X_FORWARDED_PROTO, proto);
 }
 
 #[cfg(test)]
@@ -184,6 +258,100 @@ mod tests {
             tls,
             trusted: false,
         }
+    }
+
+    /// The lean client's head and the rewritten map, written out, carry the same fields
+    /// (as multisets: the map keeps a replaced field where it was, the encoder appends it).
+    #[test]
+    fn encoding_a_head_for_the_lean_client_sends_what_rewriting_the_map_sends() {
+        let fields: &[(&str, &str)] = &[
+            ("host", "registry.example:5050"),
+            ("accept", "application/vnd.oci.image.index.v1+json"),
+            (
+                "accept",
+                "application/vnd.docker.distribution.manifest.v2+json",
+            ),
+            ("authorization", "Bearer t"),
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-for", "192.0.2.2, 192.0.2.3"),
+            ("x-real-ip", "192.0.2.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "host=evil.example"),
+            ("expect", "100-continue"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("user-agent", "containerd/2.0"),
+        ];
+        let upstream = Upstream::parse("http://registry-private:5000").unwrap();
+        let authority: http::uri::Authority = "front.example:5050".parse().unwrap();
+        // 2,000 pseudo-random subsets of the fields (a fixed LCG, so every run the same),
+        // with each peer kind.
+        let mut state: u64 = 1;
+        for step in 0..2000u64 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let mask = state >> 40;
+            let mut headers = HeaderMap::new();
+            for (i, (n, v)) in fields.iter().enumerate() {
+                if mask >> i & 1 == 1 {
+                    headers.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+                }
+            }
+            let peer = ConnInfo {
+                remote: "10.1.2.3:4444".parse().unwrap(),
+                tls: step % 2 == 0,
+                trusted: step % 3 == 0,
+            };
+            let authority = (step % 5 == 0).then_some(&authority);
+
+            let mut encoded = bytes::BytesMut::new();
+            Forwarding::of(&headers, authority, peer, &upstream).encode(
+                &http::Method::GET,
+                "/v2/a/manifests/v1",
+                &headers,
+                &mut encoded,
+            );
+            let mut rewritten = headers.clone();
+            rewrite_request_headers(&mut rewritten, authority, peer, &upstream);
+            let mut expected = bytes::BytesMut::new();
+            crate::h1::encode_head(
+                &http::Method::GET,
+                "/v2/a/manifests/v1",
+                &rewritten,
+                &mut expected,
+            );
+            let lines = |b: &[u8]| {
+                let mut l: Vec<String> = String::from_utf8(b.to_vec())
+                    .unwrap()
+                    .split("\r\n")
+                    .map(str::to_owned)
+                    .collect();
+                l.sort();
+                l
+            };
+            assert_eq!(
+                lines(&encoded),
+                lines(&expected),
+                "step {step}: {headers:?}, trusted {}, tls {}",
+                peer.trusted,
+                peer.tls
+            );
+            assert!(encoded.starts_with(b"GET /v2/a/manifests/v1 HTTP/1.1\r\n"));
+            assert!(encoded.ends_with(b"\r\n\r\n"));
+        }
+    }
+
+    #[test]
+    fn a_head_with_a_connection_field_is_left_to_the_map_rewrite() {
+        let mut headers = HeaderMap::new();
+        assert!(Forwarding::can_encode(&headers));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("host"));
+        assert!(!Forwarding::can_encode(&headers));
     }
 
     #[test]

@@ -46,7 +46,7 @@ mod upload;
 mod vault;
 
 use crate::watch::UpstreamWatch;
-pub use headers::{remove_hop_by_hop, rewrite_request_headers};
+pub use headers::{remove_hop_by_hop, rewrite_request_headers, Forwarding};
 pub use vault::SERVED_FROM;
 
 /// What the proxy knows about the client connection a request came on.
@@ -429,12 +429,6 @@ impl Proxy {
         conn: ConnInfo,
         tally: Arc<Tally>,
     ) -> Result<Response<ResponseBody>, ForwardError> {
-        rewrite_request_headers(
-            &mut head.headers,
-            head.uri.authority(),
-            conn,
-            &self.upstream,
-        );
         head.version = Version::HTTP_11;
 
         // The wait for the response head starts when the request body has been sent
@@ -443,6 +437,12 @@ impl Proxy {
         let request = async {
             match via {
                 Via::Pooled(client) => {
+                    rewrite_request_headers(
+                        &mut head.headers,
+                        head.uri.authority(),
+                        conn,
+                        &self.upstream,
+                    );
                     let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
                     head.uri = self
                         .upstream
@@ -455,11 +455,35 @@ impl Proxy {
                         .map_err(SendError::Pooled)
                 }
                 Via::Direct(direct) => {
-                    let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    direct
-                        .send(&head.method, path_and_query, &head.headers)
-                        .await
-                        .map(|r| r.map(|body| Inbound::Direct { body }))
+                    let sent = if Forwarding::can_encode(&head.headers) {
+                        // The rewrite goes straight into the head the lean client writes.
+                        let forwarding = Forwarding::of(
+                            &head.headers,
+                            head.uri.authority(),
+                            conn,
+                            &self.upstream,
+                        );
+                        let path_and_query =
+                            head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                        direct
+                            .send_with(head.method == Method::HEAD, |out| {
+                                forwarding.encode(&head.method, path_and_query, &head.headers, out)
+                            })
+                            .await
+                    } else {
+                        rewrite_request_headers(
+                            &mut head.headers,
+                            head.uri.authority(),
+                            conn,
+                            &self.upstream,
+                        );
+                        let path_and_query =
+                            head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                        direct
+                            .send(&head.method, path_and_query, &head.headers)
+                            .await
+                    };
+                    sent.map(|r| r.map(|body| Inbound::Direct { body }))
                         .map_err(SendError::Direct)
                 }
             }

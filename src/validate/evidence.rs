@@ -158,7 +158,7 @@ impl Inspector {
         let (service_auth, blobs) = (self.service_auth.clone(), self.settings.blobs);
         let (repo, digest) = (repo.to_owned(), digest.to_owned());
         let auth = auth.cloned().map(sensitive).or(service_auth);
-        tokio::spawn(async move {
+        self.shared.background.spawn(async move {
             checker.forget(&repo, &digest).await;
             for p in stale {
                 shared.forget_ok(&repo, &p.index);

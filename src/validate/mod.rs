@@ -75,6 +75,8 @@ pub struct Validator {
 /// What the validator and its inspector share: the queue, metrics and what has been seen.
 struct Shared {
     tx: mpsc::Sender<Job>,
+    /// Where re-checks the request path asks for run (see `supervise::Background`).
+    background: crate::supervise::Background,
     metrics: ValidateMetrics,
     /// (repository, digest) of every child and blob of a manifest seen, with the indexes
     /// that reference it: a 404 for one of these is a real hole, and those indexes are broken.
@@ -200,6 +202,7 @@ impl Validator {
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let shared = Arc::new(Shared {
             tx,
+            background: crate::supervise::Background::here(),
             metrics: ValidateMetrics {
                 index_checks,
                 queue_depth,

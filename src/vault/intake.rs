@@ -185,7 +185,7 @@ impl Vault {
         let done = complete.clone();
         let vault = self.clone();
         let (repository, digest) = (repository.to_owned(), digest.to_owned());
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             let _permit = permit;
             let written = async {
                 if vault.store.is_tombstoned(&repository, &digest).await? {

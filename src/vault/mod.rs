@@ -192,6 +192,8 @@ pub(crate) enum Work {
 
 /// The vault.
 pub struct Vault {
+    /// Where the writes the request path hands over run (see `supervise::Background`).
+    background: crate::supervise::Background,
     store: Store,
     settings: VaultSettings,
     /// (repository, digest) recorded within [`REFRESH`], or queued.
@@ -287,6 +289,7 @@ impl Vault {
         let metrics = VaultMetrics::new(registry)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let vault = Arc::new(Vault {
+            background: crate::supervise::Background::here(),
             store,
             settings,
             known: moka::sync::Cache::builder()
@@ -359,7 +362,7 @@ impl Vault {
         let vault = self.clone();
         let (repository, digest) = (repository.to_owned(), digest.to_owned());
         let (recorded, wait) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
+        self.background.spawn(async move {
             // The record stays until the cascade has read it (serving already skips it).
             let own = vault.store.tombstone(&repository, &digest).await;
             let _ = recorded.send(());
