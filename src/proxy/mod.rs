@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::Tap;
-use crate::body::{Direction, Inbound, Metered, ResponseBody, Tally};
+use crate::body::{Direction, Metered, ResponseBody, Tally};
 use crate::checker::RefKind;
 use crate::config::Upstream;
 use crate::error::ForwardError;
@@ -41,7 +41,9 @@ use crate::validate::{Job, Validator};
 
 mod headers;
 mod push;
+mod send;
 mod tap;
+use send::Via;
 mod upload;
 mod vault;
 
@@ -419,179 +421,6 @@ impl Proxy {
             })
         }))
     }
-
-    /// Sends a request head and body upstream and relays the response head.
-    async fn send(
-        &self,
-        via: Via<'_>,
-        mut head: http::request::Parts,
-        body: UpstreamBody,
-        conn: ConnInfo,
-        tally: Arc<Tally>,
-    ) -> Result<Response<ResponseBody>, ForwardError> {
-        head.version = Version::HTTP_11;
-
-        // The wait for the response head starts when the request body has been sent
-        // (nginx's proxy_read_timeout); while it streams, the body's own idle timeout
-        // guards against a stalled client. A 6 s upload with a 2 s idle timeout works.
-        let request = async {
-            match via {
-                Via::Pooled(client) => {
-                    rewrite_request_headers(
-                        &mut head.headers,
-                        head.uri.authority(),
-                        conn,
-                        &self.upstream,
-                    );
-                    let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    head.uri = self
-                        .upstream
-                        .uri_for(path_and_query)
-                        .map_err(SendError::Uri)?;
-                    client
-                        .request(Request::from_parts(head, body))
-                        .await
-                        .map(|r| r.map(|body| Inbound::Pooled { body }))
-                        .map_err(SendError::Pooled)
-                }
-                Via::Direct(direct) => {
-                    let sent = if Forwarding::can_encode(&head.headers) {
-                        // The rewrite goes straight into the head the lean client writes.
-                        let forwarding = Forwarding::of(
-                            &head.headers,
-                            head.uri.authority(),
-                            conn,
-                            &self.upstream,
-                        );
-                        let path_and_query =
-                            head.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                        direct
-                            .send_with(head.method == Method::HEAD, |out| {
-                                forwarding.encode(&head.method, path_and_query, &head.headers, out)
-                            })
-                            .await
-                    } else {
-                        rewrite_request_headers(
-                            &mut head.headers,
-                            head.uri.authority(),
-                            conn,
-                            &self.upstream,
-                        );
-                        let path_and_query =
-                            head.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                        direct
-                            .send(&head.method, path_and_query, &head.headers)
-                            .await
-                    };
-                    sent.map(|r| r.map(|body| Inbound::Direct { body }))
-                        .map_err(SendError::Direct)
-                }
-            }
-        };
-        let idle = self.idle_timeout;
-        let head_deadline = async {
-            tally.request_done.notified().await;
-            tokio::time::sleep(idle).await;
-        };
-        let sent = tokio::select! {
-            r = request => Ok(r),
-            () = head_deadline => Err(()),
-        };
-        let response = match sent {
-            Err(_) => {
-                return Err(ForwardError::Timeout {
-                    stage: "response headers",
-                    after: self.idle_timeout,
-                })
-            }
-            Ok(Err(e)) => {
-                let error = self.classify_client_error(&e, &tally);
-                if let (Some(w), ForwardError::Unreachable(_) | ForwardError::Timeout { .. }) =
-                    (&self.watch, &error)
-                {
-                    w.unreachable();
-                }
-                return Err(error);
-            }
-            Ok(Ok(r)) => {
-                if let Some(w) = &self.watch {
-                    w.answered();
-                }
-                r
-            }
-        };
-
-        let (mut head, body) = response.into_parts();
-        remove_hop_by_hop(&mut head.headers);
-        let body = Metered::new(body, self.idle_timeout, tally, Direction::Response);
-        Ok(Response::from_parts(head, ResponseBody::upstream(body)))
-    }
-}
-
-impl Proxy {
-    fn classify_client_error(&self, e: &SendError, tally: &Tally) -> ForwardError {
-        let e = match e {
-            SendError::Uri(e) => {
-                return ForwardError::Unreachable(format!("cannot build upstream URI: {e}"))
-            }
-            SendError::Pooled(e) => e,
-            SendError::Direct(e) if e.is_connect_timeout() => {
-                return ForwardError::Timeout {
-                    stage: "connect",
-                    after: self.connect_timeout,
-                }
-            }
-            SendError::Direct(e) => return ForwardError::Unreachable(error_chain(e)),
-        };
-        if tally.request_failed.load(Ordering::Relaxed) {
-            return ForwardError::ClientAborted(error_chain(e));
-        }
-        if e.is_connect() && has_timeout(e) {
-            return ForwardError::Timeout {
-                stage: "connect",
-                after: self.connect_timeout,
-            };
-        }
-        if let Some(tls) = tls_error(e) {
-            return ForwardError::UpstreamTls(tls.to_string());
-        }
-        ForwardError::Unreachable(error_chain(e))
-    }
-}
-
-/// Which client carries a request upstream.
-enum Via<'a> {
-    /// hyper-util's pooled client (anything with a body, blob downloads, `https://`).
-    Pooled(&'a crate::upstream::UpstreamClient),
-    /// This serving thread's lean HTTP/1.1 client (see `h1`).
-    Direct(&'a crate::h1::Pool),
-}
-
-/// Why a request got no response head, by the client that carried it.
-enum SendError {
-    Uri(http::Error),
-    Pooled(hyper_util::client::legacy::Error),
-    Direct(crate::h1::Error),
-}
-
-/// The rustls error behind a failed `https://` connect, if that is why it failed.
-/// tokio-rustls wraps it in an `io::Error` (and hyper-rustls that in another), whose
-/// `source` skips the wrapped error: look inside with `get_ref`.
-fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        cur = match err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
-            None => err.source(),
-        };
-    }
-    None
 }
 
 /// `GET /` on the public listener, as the nginx front answered it.
@@ -600,31 +429,6 @@ fn liveness() -> Response<ResponseBody> {
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
-}
-
-fn has_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
-}
-
-/// The error and its sources on one line: hyper's top-level errors are terse.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        cur = err.source();
-    }
-    out
 }
 
 /// The side copies one forwarded request takes for the vault.

@@ -121,7 +121,7 @@ impl Proxy {
         };
         let resp = self
             .send(
-                super::Via::Pooled(self.pools.lean()),
+                super::send::Via::Pooled(self.pools.lean()),
                 pushed.head,
                 body,
                 conn,
