@@ -119,6 +119,46 @@ fn a_client_404_behind_a_warm_cache_is_recorded_at_once_and_the_gate_believes_it
     assert!(!reg.has_manifest("ci/runner", "again"));
 }
 
+/// A client fetches the children right after the index, so a child's 404 can reach regguard
+/// before the index's first validation has walked it (nothing known references the child
+/// yet). That 404 must still void the positive the push left in the cache, or the walk
+/// that follows takes the cache's word and calls the broken index healthy.
+#[test]
+fn a_client_404_before_the_index_is_first_walked_still_voids_the_cached_positive() {
+    let reg = Registry::start();
+    let rg = regguard(&reg.url(), &[]);
+    let img = oci::multi_arch("early");
+    // Pushed through regguard: the gate checked every child, so each is cached as present.
+    oci::push_multi_arch(&rg.url(), "ci/early", "v1", &img, &[]);
+    assert_eq!(
+        checks(&rg, "ok") + checks(&rg, "broken"),
+        0.0,
+        "no index served yet"
+    );
+
+    let child = img.image("arm64").manifest.digest.clone();
+    reg.remove_revision_link("ci/early", &child);
+    let r = get(
+        &rg.url(),
+        &format!("/v2/ci/early/manifests/{child}"),
+        &[("accept", OCI_MANIFEST)],
+    );
+    assert_eq!(r.status, 404);
+    // The index is served for the first time now: its walk must ask the registry.
+    pull_index(&rg, "ci/early", "v1", &[]);
+    poll_until(WAIT, "the index's first validation", || {
+        (checks(&rg, "ok") + checks(&rg, "broken") >= 1.0).then_some(())
+    });
+    assert_eq!(
+        checks(&rg, "ok"),
+        0.0,
+        "the walk took the stale positive: {}",
+        integrity(&rg)
+    );
+    wait_broken(&rg, "the lost child recorded");
+    assert_eq!(listed(&rg, &child).len(), 1, "{}", integrity(&rg));
+}
+
 #[test]
 fn a_404_to_a_client_that_did_not_accept_oci_is_not_taken_for_a_loss() {
     let reg = Registry::start();

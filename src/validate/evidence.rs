@@ -113,14 +113,23 @@ impl Inspector {
         exclude: Option<&str>,
         auth: Option<&HeaderValue>,
     ) {
-        let Some(parents) = self.shared.parents(repo, digest) else {
-            return;
-        };
         let key = (Arc::from(repo), Arc::from(digest));
         if self.shared.recent_loss.contains_key(&key) {
             return;
         }
         self.shared.recent_loss.insert(key, ());
+        let Some(parents) = self.shared.parents(repo, digest) else {
+            // No index walked so far references it: nothing to report yet. The index it
+            // came from may still be queued (a client fetches the children right after
+            // the index); a cached positive about the digest must not outlive this 404,
+            // or that walk would take the cache's word for it and miss the loss.
+            let checker = self.checker.clone();
+            let (repo, digest) = (repo.to_owned(), digest.to_owned());
+            self.shared.background.spawn(async move {
+                checker.forget(&repo, &digest).await;
+            });
+            return;
+        };
         let conclusive = |p: &Parent| match witness {
             Witness::Check => true,
             Witness::Client { accepts_media_type } => p.kind == RefKind::Blob || accepts_media_type,

@@ -319,16 +319,15 @@ impl Validator {
     ) {
         let parents = self.shared.parents(repository, digest);
         let referenced = parents.is_some();
-        if let Some(parents) = parents {
-            let accepts_media_type = parents.iter().any(|p| accepts(&p.media_type));
-            self.inspector.loss(
-                repository,
-                digest,
-                Witness::Client { accepts_media_type },
-                None,
-                auth,
-            );
-        }
+        // Unreferenced so far, it is still evidence: `loss` drops what the cache says of it.
+        let accepts_media_type = parents.is_some_and(|p| p.iter().any(|p| accepts(&p.media_type)));
+        self.inspector.loss(
+            repository,
+            digest,
+            Witness::Client { accepts_media_type },
+            None,
+            auth,
+        );
         let k = usize::from(kind == RefKind::Blob);
         if let Some(c) = self
             .shared
