@@ -48,6 +48,9 @@ const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 const H2_MAX_STREAMS: u32 = 256;
 
+/// How long a serving runtime waits, once drained, for blocking work it started.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
 /// Connections over the cap being answered at once. Each holds a descriptor for at
 /// most [`REFUSAL_DEADLINE`]; beyond this many, a refused connection is closed at
 /// once, so a flood over the cap cannot take the descriptors the cap protects.
@@ -157,9 +160,17 @@ async fn start_serving(
     let listener = public.into_std().map_err(ServeError::Thread)?;
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut threads = Vec::with_capacity(workers);
+    // Threads still draining. A connection in a shared pool (the checker's, the vault's S3
+    // client) is a task on the runtime that dialled it, and a gate check on another thread
+    // may be using it: no serving runtime goes away before every thread has drained.
+    let draining = Arc::new((
+        std::sync::atomic::AtomicUsize::new(workers),
+        tokio::sync::Notify::new(),
+    ));
     for worker in 0..workers {
         let listener = listener.try_clone().map_err(ServeError::Thread)?;
         let (front, mut stop, ready) = (front.clone(), stop.clone(), ready_tx.clone());
+        let draining = draining.clone();
         let thread = std::thread::Builder::new()
             .name(format!("regguard-serve-{worker}"))
             .spawn(move || {
@@ -173,7 +184,7 @@ async fn start_serving(
                         return true;
                     }
                 };
-                runtime.block_on(async move {
+                let drained = runtime.block_on(async move {
                     crate::upstream::Pools::enter_worker(worker);
                     let listener = match TcpListener::from_std(listener) {
                         Ok(l) => l,
@@ -189,11 +200,31 @@ async fn start_serving(
                     };
                     accept_until(stopped, &listener, &front, &graceful).await;
                     drop(listener);
-                    tokio::time::timeout(front.drain_timeout, graceful.shutdown())
+                    let drained = tokio::time::timeout(front.drain_timeout, graceful.shutdown())
                         .await
-                        .is_ok()
-                })
-                // Dropping the runtime here cuts whatever the drain left running.
+                        .is_ok();
+                    let (left, all_drained) = &*draining;
+                    if left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                        all_drained.notify_waiters();
+                    }
+                    // Bounded: every thread drains within the same timeout.
+                    let _ =
+                        tokio::time::timeout(front.drain_timeout + Duration::from_secs(1), async {
+                            loop {
+                                let woken = all_drained.notified();
+                                if left.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                                    break;
+                                }
+                                woken.await;
+                            }
+                        })
+                        .await;
+                    drained
+                });
+                // What the drain left running is cut; blocking work (a DNS lookup, a file
+                // read) gets a moment, not a wait without end.
+                runtime.shutdown_timeout(SHUTDOWN_GRACE);
+                drained
             })
             .map_err(ServeError::Thread)?;
         threads.push(thread);

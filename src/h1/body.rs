@@ -202,15 +202,25 @@ impl Body {
 
 /// The size of a chunk-size line: hex digits, then optional `;extensions`.
 fn chunk_size(line: &[u8]) -> Result<u64, Error> {
-    let digits = line
-        .split(|b| *b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
+    // Hex digits, then optional whitespace (spaces or tabs) before any extension.
+    let digits = line.split(|b| *b == b';').next().unwrap_or_default();
+    let end = digits
+        .iter()
+        .rposition(|b| *b != b' ' && *b != b'\t')
+        .map_or(0, |i| i + 1);
+    let digits = digits.get(..end).unwrap_or_default();
+    let first = digits
+        .iter()
+        .position(|b| *b != b'0')
+        .unwrap_or(digits.len());
+    let significant = digits.get(first..).unwrap_or_default();
+    if digits.is_empty() || significant.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
         return Err(Error::Malformed("invalid chunk size"));
     }
-    let s = std::str::from_utf8(digits).map_err(|_| Error::Malformed("invalid chunk size"))?;
+    if significant.is_empty() {
+        return Ok(0);
+    }
+    let s = std::str::from_utf8(significant).map_err(|_| Error::Malformed("invalid chunk size"))?;
     u64::from_str_radix(s, 16).map_err(|_| Error::Malformed("invalid chunk size"))
 }
 

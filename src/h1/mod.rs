@@ -76,6 +76,8 @@ struct Inner {
     keepalive: Duration,
     idle_for: Duration,
     idle: Mutex<VecDeque<Idle>>,
+    /// Whether the task that closes expired and closed idle connections is running.
+    sweeping: std::sync::atomic::AtomicBool,
 }
 
 struct Idle {
@@ -105,6 +107,7 @@ impl Pool {
                 keepalive,
                 idle_for,
                 idle: Mutex::new(VecDeque::new()),
+                sweeping: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -118,6 +121,10 @@ impl Pool {
         path_and_query: &str,
         headers: &HeaderMap,
     ) -> Result<Response<Body>, Error> {
+        // It may send a request twice (see `send_with`): only safe methods.
+        if *method != Method::GET && *method != Method::HEAD {
+            return Err(Error::Malformed("the lean client sends GET and HEAD only"));
+        }
         self.send_with(*method == Method::HEAD, |out| {
             encode_head(method, path_and_query, headers, out)
         })
@@ -233,7 +240,15 @@ impl Inner {
         None
     }
 
-    fn checkin(&self, conn: Conn) {
+    /// Keeps an idle connection. The first one starts the sweep, on the runtime of the
+    /// thread that uses this pool: a quiet thread does not hold sockets its registry closed.
+    fn checkin(self: &Arc<Self>, conn: Conn) {
+        if !self
+            .sweeping
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while idle
             .front()
@@ -250,29 +265,55 @@ impl Inner {
         });
     }
 
+    /// Resolves the host (within the connect timeout) and tries its addresses in turn,
+    /// each with an equal share of the timeout, as hyper-util's connector does: an address
+    /// that swallows SYNs (a dead IPv6 route) leaves time for the next one.
     async fn connect(&self) -> Result<Conn, Error> {
         let addr = || format!("{}:{}", self.host, self.port);
-        let connecting = async {
-            let mut last = None;
-            for a in tokio::net::lookup_host((self.host.as_str(), self.port)).await? {
-                match TcpStream::connect(a).await {
-                    Ok(io) => return Ok((io, a)),
-                    Err(e) => last = Some(e),
-                }
+        let started = tokio::time::Instant::now();
+        let addrs: Vec<SocketAddr> = match tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::lookup_host((self.host.as_str(), self.port)),
+        )
+        .await
+        {
+            Err(_) => return Err(Error::ConnectTimeout(self.connect_timeout)),
+            Ok(Err(source)) => {
+                return Err(Error::Connect {
+                    addr: addr(),
+                    source,
+                })
             }
-            Err(last.unwrap_or_else(|| io::Error::other("the host name resolved to no address")))
+            Ok(Ok(found)) => found.collect(),
         };
-        let (io, _): (TcpStream, SocketAddr) =
-            match tokio::time::timeout(self.connect_timeout, connecting).await {
-                Err(_) => return Err(Error::ConnectTimeout(self.connect_timeout)),
-                Ok(Err(source)) => {
-                    return Err(Error::Connect {
-                        addr: addr(),
-                        source,
-                    })
+        let left = self.connect_timeout.saturating_sub(started.elapsed());
+        let share = left / u32::try_from(addrs.len().max(1)).unwrap_or(u32::MAX);
+        let mut last = None;
+        let mut connected = None;
+        for a in &addrs {
+            match tokio::time::timeout(share, TcpStream::connect(a)).await {
+                Ok(Ok(io)) => {
+                    connected = Some(io);
+                    break;
                 }
-                Ok(Ok(c)) => c,
-            };
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => last = Some(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+            }
+        }
+        let io = match (connected, last) {
+            (Some(io), _) => io,
+            (None, Some(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(Error::ConnectTimeout(self.connect_timeout))
+            }
+            (None, last) => {
+                return Err(Error::Connect {
+                    addr: addr(),
+                    source: last.unwrap_or_else(|| {
+                        io::Error::other("the host name resolved to no address")
+                    }),
+                })
+            }
+        };
         let _ = io.set_nodelay(true);
         let _ = socket2::SockRef::from(&io)
             .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(self.keepalive));
@@ -280,6 +321,25 @@ impl Inner {
             io,
             buf: BytesMut::with_capacity(READ_SIZE),
         })
+    }
+}
+
+/// Every half idle period, closes the idle connections that expired or that the registry
+/// closed; ends with the pool.
+async fn sweep(pool: std::sync::Weak<Inner>) {
+    loop {
+        let period = match pool.upgrade() {
+            Some(p) => p.idle_for / 2,
+            None => return,
+        };
+        tokio::time::sleep(period.max(Duration::from_secs(1))).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|c| {
+            let mut probe = [0u8; 1];
+            c.since.elapsed() <= pool.idle_for
+                && matches!(c.conn.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        });
     }
 }
 
@@ -372,6 +432,11 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
             .and_then(|v| HeaderValue::from_maybe_shared(v).ok())
             .ok_or(Error::Malformed("invalid header value"))?;
         headers.append(name, value);
+    }
+    if version == Version::HTTP_10 && headers.contains_key(TRANSFER_ENCODING) {
+        return Err(Error::Malformed(
+            "Transfer-Encoding in an HTTP/1.0 response",
+        ));
     }
     let (framing, mut keep_alive) = framing(&headers, status, head_only)?;
     keep_alive &= version == Version::HTTP_11

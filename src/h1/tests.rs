@@ -168,6 +168,9 @@ async fn malformed_responses_are_errors_not_guesses() {
         b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
         b"SSH-2.0-OpenSSH\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\n\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     ] {
         let up = upstream(vec![bad], usize::MAX).await;
         let p = pool(up.port);
@@ -241,4 +244,58 @@ fn the_request_head_is_written_as_given() {
         &out[..],
         b"GET /v2/a/manifests/v1?x=1 HTTP/1.1\r\nhost: r:5050\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
     );
+}
+
+#[tokio::test]
+async fn chunk_sizes_with_leading_zeros_and_trailing_blanks_are_read() {
+    const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0000000000000000005 ;x=y\r\nhello\r\n000\r\n\r\n";
+    let up = upstream(vec![CHUNKED], usize::MAX).await;
+    let (_, body) = get(&pool(up.port), Method::GET).await.unwrap();
+    assert_eq!(&body[..], b"hello");
+}
+
+#[tokio::test]
+async fn only_get_and_head_are_sent() {
+    let up = upstream(vec![OK_CL], usize::MAX).await;
+    let p = pool(up.port);
+    assert!(p
+        .send(&Method::DELETE, "/v2/", &get_headers())
+        .await
+        .is_err());
+    assert_eq!(up.accepts.load(Ordering::SeqCst), 0, "nothing was sent");
+}
+
+#[tokio::test]
+async fn idle_connections_the_upstream_closed_are_swept_without_traffic() {
+    let up = upstream(vec![OK_CL], 1).await;
+    let p = Pool::new(
+        "127.0.0.1",
+        up.port,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    get(&p, Method::GET).await.unwrap();
+    assert_eq!(
+        p.inner.idle.lock().unwrap().len(),
+        1,
+        "kept after its response"
+    );
+    // The upstream closed it; the sweep (every second here) lets it go with no request.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(p.inner.idle.lock().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn a_host_name_is_resolved_and_connected_to() {
+    let up = upstream(vec![OK_CL], usize::MAX).await;
+    let p = Pool::new(
+        "localhost",
+        up.port,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+        Duration::from_secs(50),
+    );
+    let (_, body) = get(&p, Method::GET).await.unwrap();
+    assert_eq!(&body[..], b"hello");
 }
