@@ -209,11 +209,7 @@ impl Proxy {
             repository,
             &read.reference,
             read.auth.as_ref(),
-            |media_type| {
-                !media_type.is_empty()
-                    && accept
-                        .is_some_and(|a| a.split(',').any(|t| oci::same_media_type(t, media_type)))
-            },
+            accept.unwrap_or(""),
         );
     }
 

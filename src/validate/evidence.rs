@@ -96,6 +96,25 @@ impl Shared {
     }
 }
 
+/// A client's 404 for a digest no walked index referenced yet (see `Shared::orphan_loss`).
+#[derive(Clone)]
+pub(crate) struct Orphan {
+    /// The client's `Accept`: the 404 of a manifest is conclusive only if it named its type.
+    pub accept: Arc<str>,
+}
+
+/// How long such a 404 waits for a walk to meet its digest.
+pub(super) const ORPHAN_FOR: Duration = Duration::from_secs(30);
+
+/// Whether a client's `Accept` names `media_type` (registry 2.8 answers 404 for an existing
+/// OCI manifest to a client that does not accept OCI types).
+pub(super) fn accepts(accept: &str, media_type: &str) -> bool {
+    !media_type.is_empty()
+        && accept
+            .split(',')
+            .any(|t| crate::oci::same_media_type(t, media_type))
+}
+
 /// How long one digest's loss is handled once: a client that keeps asking for a lost
 /// digest causes one eviction and one re-validation per period, not one per request.
 pub(super) const LOSS_DEDUP: Duration = Duration::from_secs(2);

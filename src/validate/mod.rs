@@ -90,6 +90,8 @@ struct Shared {
     indexes: Cache<(Arc<str>, Arc<str>), Arc<str>>,
     /// Losses handled within the last [`evidence::LOSS_DEDUP`].
     recent_loss: Cache<(Arc<str>, Arc<str>), ()>,
+    /// Client 404s for digests no walked index referenced yet, with the client's `Accept`.
+    orphan_loss: Cache<(Arc<str>, Arc<str>), evidence::Orphan>,
 }
 
 /// Validates one manifest against what it references, and records the findings. Used by the
@@ -238,6 +240,11 @@ impl Validator {
                 .max_capacity(100_000)
                 .time_to_live(evidence::LOSS_DEDUP)
                 .build(),
+            // A walk meets the children of the index just served within seconds.
+            orphan_loss: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(evidence::ORPHAN_FOR)
+                .build(),
         });
         let inspector = Arc::new(Inspector {
             checker,
@@ -315,12 +322,24 @@ impl Validator {
         repository: &str,
         digest: &str,
         auth: Option<&HeaderValue>,
-        accepts: impl Fn(&str) -> bool,
+        accept: &str,
     ) {
         let parents = self.shared.parents(repository, digest);
         let referenced = parents.is_some();
-        // Unreferenced so far, it is still evidence: `loss` drops what the cache says of it.
-        let accepts_media_type = parents.is_some_and(|p| p.iter().any(|p| accepts(&p.media_type)));
+        let accepts_media_type =
+            parents.is_some_and(|p| p.iter().any(|p| evidence::accepts(accept, &p.media_type)));
+        if !referenced {
+            // Unreferenced so far, it is still evidence: the walk of the index it came from
+            // may be under way (a client fetches the children right after the index), and
+            // takes it into account when it meets the digest (see `walk::record`).
+            self.shared.orphan_loss.insert(
+                (Arc::from(repository), Arc::from(digest)),
+                evidence::Orphan {
+                    accept: Arc::from(crate::oci::bounded(accept)),
+                },
+            );
+        }
+        // `loss` also drops what the cache says of it, referenced or not.
         self.inspector.loss(
             repository,
             digest,

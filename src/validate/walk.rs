@@ -128,6 +128,21 @@ impl Inspector {
         outcome: &Outcome,
         tally: &mut Tally,
     ) {
+        // A client's 404 that came before any walk knew the digest is referenced beats a
+        // positive this walk may have taken from the cache before that 404 evicted it.
+        let outcome = match outcome {
+            Outcome::Ok => match self
+                .shared
+                .orphan_loss
+                .remove(&(Arc::from(node.repository), Arc::from(d.digest.as_str())))
+            {
+                Some(o) if kind == RefKind::Blob || evidence::accepts(&o.accept, &d.media_type) => {
+                    &Outcome::Missing
+                }
+                _ => outcome,
+            },
+            _ => outcome,
+        };
         self.shared.remember_parent(
             node.repository,
             &d.digest,
