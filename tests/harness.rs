@@ -77,9 +77,10 @@ fn stopping_nginx_leaves_no_nginx_process_behind() {
     for _ in 0..4 {
         assert_eq!(http::get(&format!("{}/v2/", nginx.url())).status, 200);
     }
-    // A worker just forked still carries the master's title until it sets its own.
+    // A worker just forked still carries the master's title until it sets its own (on a
+    // machine busy with the rest of the suite, that can take a while).
     let workers = poll_until(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "nginx's workers to name themselves",
         || {
             let w = workers(&nginx);
