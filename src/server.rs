@@ -48,6 +48,9 @@ const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 const H2_MAX_STREAMS: u32 = 256;
 
+/// Says, once per serving thread, that it no longer accepts (its copy of the listener is closed).
+type StoppedAccepting = tokio::sync::mpsc::UnboundedReceiver<()>;
+
 /// How long a serving runtime waits, once drained, for blocking work it started.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -108,9 +111,16 @@ pub async fn serve(
         AcceptBackoff::new("admin", metrics.admin_accept_errors.clone()),
     ));
     let front = Arc::new(Front::new(&settings, &metrics, proxy, tls));
-    let threads = start_serving(workers, public, front, stop_rx).await?;
+    let (threads, mut closed) = start_serving(workers, public, front, stop_rx).await?;
     shutdown.await;
     let _ = stop_tx.send(true);
+    // The listening socket closes when the last thread's copy of it does: only then is
+    // a new connection refused.
+    for _ in 0..workers {
+        if closed.recv().await.is_none() {
+            break;
+        }
+    }
     tracing::info!(
         drain_timeout = ?settings.drain_timeout,
         "shutting down: no new connections; waiting for in-flight requests"
@@ -156,9 +166,10 @@ async fn start_serving(
     public: TcpListener,
     front: Arc<Front>,
     stop: watch::Receiver<bool>,
-) -> Result<Vec<std::thread::JoinHandle<bool>>, ServeError> {
+) -> Result<(Vec<std::thread::JoinHandle<bool>>, StoppedAccepting), ServeError> {
     let listener = public.into_std().map_err(ServeError::Thread)?;
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut threads = Vec::with_capacity(workers);
     // Threads still draining. A connection in a shared pool (the checker's, the vault's S3
     // client) is a task on the runtime that dialled it, and a gate check on another thread
@@ -171,6 +182,7 @@ async fn start_serving(
         let listener = listener.try_clone().map_err(ServeError::Thread)?;
         let (front, mut stop, ready) = (front.clone(), stop.clone(), ready_tx.clone());
         let draining = draining.clone();
+        let stopped_accepting = closed_tx.clone();
         let thread = std::thread::Builder::new()
             .name(format!("regguard-serve-{worker}"))
             .spawn(move || {
@@ -200,6 +212,7 @@ async fn start_serving(
                     };
                     accept_until(stopped, &listener, &front, &graceful).await;
                     drop(listener);
+                    let _ = stopped_accepting.send(());
                     let drained = tokio::time::timeout(front.drain_timeout, graceful.shutdown())
                         .await
                         .is_ok();
@@ -230,6 +243,7 @@ async fn start_serving(
         threads.push(thread);
     }
     drop(ready_tx);
+    drop(closed_tx);
     for _ in 0..workers {
         match ready_rx.recv().await {
             Some(Ok(())) => {}
@@ -241,7 +255,7 @@ async fn start_serving(
             }
         }
     }
-    Ok(threads)
+    Ok((threads, closed_rx))
 }
 
 /// The pools every upstream request goes through. Both, and so the checker, scan and
