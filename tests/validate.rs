@@ -65,6 +65,15 @@ fn index_checks_total(metrics: &str) -> f64 {
 }
 
 /// Lines of `regguard_broken_reference_info` naming `digest`.
+/// Waits for one broken reference, and returns a scrape that shows both the gauge and its
+/// info series. regguard sets the info series first, but a scrape reads the info family
+/// before the gauge (by name), so the scrape that first sees the gauge at 1 may predate the
+/// series; any scrape after it has both.
+fn wait_one_broken(rg: &Regguard) -> String {
+    wait_metric(rg, FAILURES, |v| v == 1.0);
+    wait_metric(rg, FAILURES, |v| v == 1.0)
+}
+
 fn info_lines(metrics: &str, digest: &str) -> Vec<String> {
     metrics
         .lines()
@@ -189,7 +198,7 @@ fn missing_child_is_known_before_the_client_asks_for_it() {
     );
 
     // Before the client asks for the child, the metrics already say it is broken.
-    let m = wait_metric(&rg, FAILURES, |v| v == 1.0);
+    let m = wait_one_broken(&rg);
     let info = info_lines(&m, &amd64);
     assert_eq!(info.len(), 1, "{m}");
     assert!(
@@ -259,7 +268,7 @@ fn missing_layer_link_of_a_child_image_is_a_broken_blob_reference() {
     reg.remove_layer_link("lib/base", &layer);
     let rg = validating(&reg.url(), &[]);
     assert_eq!(get_manifest(&rg.url(), "lib/base", "v2", &[]).status, 200);
-    let m = wait_metric(&rg, FAILURES, |v| v == 1.0);
+    let m = wait_one_broken(&rg);
     let info = info_lines(&m, &layer);
     assert_eq!(info.len(), 1, "{m}");
     assert!(
@@ -284,7 +293,7 @@ fn re_pushing_the_child_heals_the_gauge_after_the_negative_ttl() {
     reg.remove_revision_link("app/heal", &child.digest);
     let rg = validating(&reg.url(), &[("REGGUARD_VALIDATE_MISSING_TTL", "1s")]);
     assert_eq!(get_manifest(&rg.url(), "app/heal", "v1", &[]).status, 200);
-    let m = wait_metric(&rg, FAILURES, |v| v == 1.0);
+    let m = wait_one_broken(&rg);
     assert_eq!(info_lines(&m, &child.digest).len(), 1);
 
     // The repair that works on 2.8: re-PUT the child's exact bytes by digest.
