@@ -592,10 +592,12 @@ impl Nginx {
         unreachable!("the last attempt returns or panics")
     }
 
-    /// Stops nginx gracefully: SIGQUIT to the master, which finishes open requests and
-    /// waits for its workers; SIGKILL after 10 s. Fails the test if any worker outlives it.
+    /// Stops nginx: SIGTERM to the master (fast shutdown: it tells its workers to exit and
+    /// waits for them; a graceful SIGQUIT could wait on a test client's open connection past
+    /// the grace, and a master killed then leaves its workers behind); SIGKILL after 10 s.
+    /// Fails the test if any worker outlives it.
     pub fn stop(&mut self) {
-        self.proc.stop_with("QUIT", Duration::from_secs(10));
+        self.proc.stop_with("TERM", Duration::from_secs(10));
     }
 
     pub fn url(&self) -> String {
