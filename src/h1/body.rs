@@ -105,15 +105,11 @@ impl Body {
             match self.framing {
                 Framing::Length(0) | Framing::Chunked(Chunk::Done) => return Ok(Step::End),
                 Framing::Length(rest) => {
-                    if self.buf.is_empty() {
+                    let Some((data, rest)) = self.take(rest) else {
                         return Ok(Step::NeedMore);
-                    }
-                    let n = self
-                        .buf
-                        .len()
-                        .min(usize::try_from(rest).unwrap_or(usize::MAX));
-                    self.framing = Framing::Length(rest - n as u64);
-                    return Ok(Step::Data(self.buf.split_to(n).freeze()));
+                    };
+                    self.framing = Framing::Length(rest);
+                    return Ok(Step::Data(data));
                 }
                 Framing::UntilClose => {
                     if self.buf.is_empty() {
@@ -122,20 +118,15 @@ impl Body {
                     return Ok(Step::Data(self.buf.split().freeze()));
                 }
                 Framing::Chunked(Chunk::Data(rest)) => {
-                    if self.buf.is_empty() {
+                    let Some((data, rest)) = self.take(rest) else {
                         return Ok(Step::NeedMore);
-                    }
-                    let n = self
-                        .buf
-                        .len()
-                        .min(usize::try_from(rest).unwrap_or(usize::MAX));
-                    let rest = rest - n as u64;
+                    };
                     self.framing = Framing::Chunked(if rest == 0 {
                         Chunk::DataEnd
                     } else {
                         Chunk::Data(rest)
                     });
-                    return Ok(Step::Data(self.buf.split_to(n).freeze()));
+                    return Ok(Step::Data(data));
                 }
                 Framing::Chunked(Chunk::DataEnd) => {
                     if self.buf.len() < 2 {
@@ -169,6 +160,19 @@ impl Body {
                 }
             }
         }
+    }
+
+    /// Up to `rest` bytes of what the buffer holds, and how many are still to come after
+    /// them; `None` when the buffer is empty.
+    fn take(&mut self, rest: u64) -> Option<(Bytes, u64)> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let n = self
+            .buf
+            .len()
+            .min(usize::try_from(rest).unwrap_or(usize::MAX));
+        Some((self.buf.split_to(n).freeze(), rest - n as u64))
     }
 
     /// One CRLF-terminated line from the buffer (without its CRLF), if whole.

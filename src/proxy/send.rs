@@ -49,34 +49,17 @@ impl Proxy {
                         .map_err(SendError::Pooled)
                 }
                 Via::Direct(direct) => {
-                    let sent = if Forwarding::can_encode(&head.headers) {
-                        // The rewrite goes straight into the head the lean client writes.
-                        let forwarding = Forwarding::of(
-                            &head.headers,
-                            head.uri.authority(),
-                            conn,
-                            &self.upstream,
-                        );
-                        let path_and_query =
-                            head.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                        direct
-                            .send_with(head.method == Method::HEAD, |out| {
-                                forwarding.encode(&head.method, path_and_query, &head.headers, out)
-                            })
-                            .await
-                    } else {
-                        rewrite_request_headers(
-                            &mut head.headers,
-                            head.uri.authority(),
-                            conn,
-                            &self.upstream,
-                        );
-                        let path_and_query =
-                            head.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                        direct
-                            .send(&head.method, path_and_query, &head.headers)
-                            .await
-                    };
+                    // Fields a `Connection` field names go first; the rest of the rewrite
+                    // goes straight into the head the lean client writes.
+                    remove_hop_by_hop(&mut head.headers);
+                    let forwarding =
+                        Forwarding::of(&head.headers, head.uri.authority(), conn, &self.upstream);
+                    let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                    let sent = direct
+                        .send_with(head.method == Method::HEAD, |out| {
+                            forwarding.encode(&head.method, path_and_query, &head.headers, out)
+                        })
+                        .await;
                     sent.map(|r| r.map(|body| Inbound::Direct { body }))
                         .map_err(SendError::Direct)
                 }

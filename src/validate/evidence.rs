@@ -124,10 +124,11 @@ impl Inspector {
     /// that references it (except `exclude`, whose own walk records it), drops cached
     /// positives about it, and validates those indexes again. Returns at once: the
     /// record is synchronous, the eviction and re-validation run in the background.
-    pub(crate) fn loss(
+    pub(super) fn loss(
         &self,
         repo: &str,
         digest: &str,
+        parents: Option<Parents>,
         witness: Witness,
         exclude: Option<&str>,
         auth: Option<&HeaderValue>,
@@ -137,7 +138,7 @@ impl Inspector {
             return;
         }
         self.shared.recent_loss.insert(key, ());
-        let Some(parents) = self.shared.parents(repo, digest) else {
+        let Some(parents) = parents else {
             // No index walked so far references it: nothing to report yet. The index it
             // came from may still be queued (a client fetches the children right after
             // the index); a cached positive about the digest must not outlive this 404,

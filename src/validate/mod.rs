@@ -326,8 +326,9 @@ impl Validator {
     ) {
         let parents = self.shared.parents(repository, digest);
         let referenced = parents.is_some();
-        let accepts_media_type =
-            parents.is_some_and(|p| p.iter().any(|p| evidence::accepts(accept, &p.media_type)));
+        let accepts_media_type = parents
+            .as_ref()
+            .is_some_and(|p| p.iter().any(|p| evidence::accepts(accept, &p.media_type)));
         if !referenced {
             // Unreferenced so far, it is still evidence: the walk of the index it came from
             // may be under way (a client fetches the children right after the index), and
@@ -343,6 +344,7 @@ impl Validator {
         self.inspector.loss(
             repository,
             digest,
+            parents,
             Witness::Client { accepts_media_type },
             None,
             auth,

@@ -160,6 +160,7 @@ impl Inspector {
             self.loss(
                 node.repository,
                 &d.digest,
+                self.shared.parents(node.repository, &d.digest),
                 Witness::Check,
                 Some(node.root_digest),
                 node.auth,
