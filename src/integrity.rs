@@ -164,7 +164,15 @@ impl Integrity {
     }
 
     /// Records a broken reference. Returns true when it was not known before.
-    pub fn report_broken(&self, mut b: BrokenRef) -> bool {
+    pub fn report_broken(&self, b: BrokenRef) -> bool {
+        self.report_broken_then(b, || {})
+    }
+
+    /// [`Self::report_broken`], calling `on_new` under the same lock when the reference
+    /// is newly recorded and before the gauges show it: two walks racing on the same
+    /// reference run `on_new` once between them, and whoever sees the gauge rise sees
+    /// what `on_new` did.
+    pub fn report_broken_then(&self, mut b: BrokenRef, on_new: impl FnOnce()) -> bool {
         let key = (
             b.repository.clone(),
             b.index_digest.clone(),
@@ -189,6 +197,7 @@ impl Integrity {
         {
             b.heal = note.clone();
         }
+        on_new();
         tracing::warn!(
             repository = %b.repository,
             reference = %b.reference,
@@ -381,6 +390,35 @@ mod tests {
         let shown = format!("{b:?} {}", serde_json::to_string(&b).unwrap());
         assert!(!shown.contains("c2VjcmV0"), "{shown}");
         assert!(shown.contains("sha256:a"));
+    }
+
+    #[test]
+    fn racing_reports_of_one_reference_run_the_first_report_hook_once_before_the_gauge() {
+        let reg = Registry::new();
+        let s = std::sync::Arc::new(Integrity::new(&reg, "test", 10).unwrap());
+        let hooks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (s, hooks, barrier) = (s.clone(), hooks.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let gauge_before = s.failures.get();
+                    s.report_broken_then(broken("sha256:a"), || {
+                        assert_eq!(gauge_before, 0, "the hook runs before the gauge rises");
+                        hooks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    })
+                })
+            })
+            .collect();
+        let firsts = threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .filter(|first| *first)
+            .count();
+        assert_eq!(firsts, 1);
+        assert_eq!(hooks.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(s.failures.get(), 1);
     }
 
     #[test]

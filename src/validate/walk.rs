@@ -175,18 +175,12 @@ impl Inspector {
             Outcome::Missing | Outcome::Mismatch { .. } => {
                 tally.broken += 1;
                 tally.broken_digests.insert(d.digest.clone());
-                // Detection is observed before the reference is reported, so whoever sees the
-                // gauge rise also sees the detection histogram counted.
-                let first = !self
-                    .integrity
-                    .is_broken(node.repository, node.root_digest, &d.digest);
-                if first {
-                    self.shared
-                        .metrics
-                        .detection
-                        .observe(node.seen_at.elapsed().as_secs_f64());
-                }
-                self.integrity.report_broken(BrokenRef {
+                // Detection is observed once per reference, however many walks race to
+                // report it, and before the gauge shows it: whoever sees the gauge rise
+                // also sees the detection histogram counted.
+                let detection = &self.shared.metrics.detection;
+                let seen_at = node.seen_at;
+                let broken = BrokenRef {
                     repository: node.repository.to_string(),
                     reference: node.reference.to_string(),
                     index_digest: node.root_digest.to_string(),
@@ -199,6 +193,9 @@ impl Inspector {
                     auth: node.auth.cloned().map(evidence::sensitive),
                     size: d.size,
                     heal: Default::default(),
+                };
+                self.integrity.report_broken_then(broken, || {
+                    detection.observe(seen_at.elapsed().as_secs_f64())
                 });
             }
         }
