@@ -242,7 +242,18 @@ impl Tracker {
         self.scan();
         self.lock()
             .get(&root)
-            .map(|t| t.seen.iter().filter(|p| p.is_alive()).cloned().collect())
+            // The command line is read now: one recorded when the process was first seen
+            // may predate its retitling (an nginx worker carries its master's title at first).
+            .map(|t| {
+                t.seen
+                    .iter()
+                    .filter(|p| p.is_alive())
+                    .map(|p| ProcInfo {
+                        cmdline: cmdline(p.pid),
+                        ..p.clone()
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
