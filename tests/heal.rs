@@ -899,7 +899,7 @@ fn sigkill_while_a_large_layer_streams_into_the_vault_leaves_nothing_partial_to_
     let mut rg = regguard(&reg.url(), &vault, &[("REGGUARD_VAULT_LAYERS", "true")]);
     // A client pulls the layer and reads it slowly: the vault's copy streams with it. Its
     // small receive buffer and short first read keep what regguard relays ahead of the copy
-    // small: a copy that falls 16 frames behind is abandoned (by design), and on a machine
+    // small: a copy that falls 8 MiB behind is abandoned (by design), and on a machine
     // busy with the rest of the suite the copy's writer can start late.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(64 * 1024).unwrap();

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use tokio::sync::mpsc;
 
-use super::{Seen, StoreError, Vault, Work, QUEUED_BYTES, TEE_FRAMES};
+use super::{Seen, StoreError, Vault, Work, QUEUED_BYTES, TEE_BYTES};
 use crate::oci::RefKind;
 
 impl Vault {
@@ -164,7 +164,6 @@ impl Vault {
     /// the vault lacks it and a copy slot is free), written as it streams and kept only if
     /// the whole body arrived and hashes to the digest.
     pub fn tee_blob(self: &Arc<Self>, repository: &str, digest: &str) -> Option<crate::body::Tee> {
-        use std::sync::atomic::{AtomicBool, Ordering};
         if !self.settings.layers
             || !crate::oci::is_sha256_digest(digest)
             || !crate::route::is_repository_name(repository)
@@ -180,9 +179,7 @@ impl Vault {
         self.awaiting_pull.invalidate(&key);
         self.teeing.insert(key.clone(), ());
         self.known.insert(key.clone(), ());
-        let (tx, mut rx) = mpsc::channel::<Bytes>(TEE_FRAMES);
-        let complete = Arc::new(AtomicBool::new(false));
-        let done = complete.clone();
+        let (tee, mut rx) = crate::body::Tee::new(TEE_BYTES);
         let vault = self.clone();
         let (repository, digest) = (repository.to_owned(), digest.to_owned());
         self.background.spawn(async move {
@@ -206,7 +203,7 @@ impl Vault {
                                 return Err(e);
                             }
                         }
-                        if !done.load(Ordering::Acquire) {
+                        if !rx.complete() {
                             upload.abort().await;
                             return Ok(None);
                         }
@@ -216,7 +213,7 @@ impl Vault {
                     }
                 };
                 // A delete may have come while the layer streamed.
-                if !done.load(Ordering::Acquire)
+                if !rx.complete()
                     || vault.just_deleted(&repository, &digest)
                     || vault.store.is_tombstoned(&repository, &digest).await?
                 {
@@ -245,7 +242,7 @@ impl Vault {
                 }
             }
         });
-        Some(crate::body::Tee::new(tx, complete))
+        Some(tee)
     }
 
     /// The copied upload of `digest` in `repository`, if one is waiting.

@@ -222,9 +222,10 @@ pub struct Vault {
 }
 
 /// Layers copied into the vault as clients pull them, at once at most; each copy may fall
-/// [`TEE_FRAMES`] frames behind its client before it is abandoned (to the filler).
+/// [`TEE_BYTES`] behind its client (bytes relayed and not yet written) before it is
+/// abandoned (to the filler). At most 4 × 8 MiB held for copies.
 const TEE_COPIES: usize = 4;
-const TEE_FRAMES: usize = 16;
+const TEE_BYTES: usize = 8 << 20;
 /// With `layers` on, the filler waits this long before fetching a layer a kept manifest
 /// names: a client pulling the image usually streams it through regguard first, and that
 /// copy saves reading it from the registry twice.

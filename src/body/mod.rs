@@ -22,6 +22,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+mod tee;
+pub use tee::{Tee, TeeReceiver};
+
 /// The error type bodies carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -392,39 +395,6 @@ pin_project_lite::pin_project! {
         exchange: Option<Box<dyn ExchangeRecord>>,
         tap: Option<Tap>,
         tee: Option<Tee>,
-    }
-}
-
-/// A streaming side copy of a response body (a layer the vault keeps as it is pulled): each
-/// frame is offered to a bounded channel and never waited for. If the channel is full (the
-/// copy falls behind), the copy is abandoned, not the client. `complete` is set only when the
-/// body reached its end.
-pub struct Tee {
-    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
-    complete: Arc<AtomicBool>,
-}
-
-impl Tee {
-    pub fn new(tx: tokio::sync::mpsc::Sender<Bytes>, complete: Arc<AtomicBool>) -> Self {
-        Tee {
-            tx: Some(tx),
-            complete,
-        }
-    }
-
-    fn push(&mut self, data: &Bytes) {
-        if let Some(tx) = &self.tx {
-            if tx.try_send(data.clone()).is_err() {
-                self.tx = None; // fell behind (or its writer is gone): abandoned
-            }
-        }
-    }
-
-    fn finish(&mut self, complete: bool) {
-        if complete && self.tx.is_some() {
-            self.complete.store(true, Ordering::Release);
-        }
-        self.tx = None;
     }
 }
 
