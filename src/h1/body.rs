@@ -42,6 +42,8 @@ pub(super) enum Chunk {
 /// closes the connection; read to its end with nothing left over, it returns it to the pool.
 pub struct Body {
     conn: Option<TcpStream>,
+    /// The connection's deadline timer, kept to go back to the pool with it.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     buf: BytesMut,
     framing: Framing,
     keep_alive: bool,
@@ -64,15 +66,11 @@ enum Step {
 }
 
 impl Body {
-    pub(super) fn new(
-        io: TcpStream,
-        buf: BytesMut,
-        framing: Framing,
-        keep_alive: bool,
-        pool: Arc<Inner>,
-    ) -> Self {
+    pub(super) fn new(conn: Conn, framing: Framing, keep_alive: bool, pool: Arc<Inner>) -> Self {
+        let Conn { io, buf, timer } = conn;
         Body {
             conn: Some(io),
+            timer: Some(timer),
             buf,
             framing,
             keep_alive,
@@ -90,10 +88,10 @@ impl Body {
     /// At the end: the connection goes back if it can carry another exchange.
     pub(super) fn finish_if_done(&mut self) {
         if self.is_done() {
-            if let Some(io) = self.conn.take() {
+            if let (Some(io), Some(timer)) = (self.conn.take(), self.timer.take()) {
                 if self.keep_alive && self.buf.is_empty() {
                     let buf = std::mem::take(&mut self.buf);
-                    self.pool.checkin(Conn { io, buf });
+                    self.pool.checkin(Conn { io, buf, timer });
                 }
             }
         }

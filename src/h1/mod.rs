@@ -16,6 +16,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,8 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("malformed response: {0}")]
     Malformed(&'static str),
+    #[error("no response head within {0:?}")]
+    HeadTimeout(Duration),
 }
 
 impl Error {
@@ -120,12 +123,13 @@ impl Pool {
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
+        head_timeout: Duration,
     ) -> Result<Response<Body>, Error> {
         // It may send a request twice (see `send_with`): only safe methods.
         if *method != Method::GET && *method != Method::HEAD {
             return Err(Error::Malformed("the lean client sends GET and HEAD only"));
         }
-        self.send_with(*method == Method::HEAD, |out| {
+        self.send_with(*method == Method::HEAD, head_timeout, |out| {
             encode_head(method, path_and_query, headers, out)
         })
         .await
@@ -134,50 +138,95 @@ impl Pool {
     /// Sends the bodiless request that `encode` writes (request line, header fields, blank
     /// line; see [`encode_head`]); `head_only` for HEAD. A pooled connection that turns out
     /// to be closed (nothing was received on it) is replaced once by a new one: GET and
-    /// HEAD are safe to repeat.
+    /// HEAD are safe to repeat. Each attempt waits at most `head_timeout` for the response
+    /// head (nginx's `proxy_read_timeout`).
     pub async fn send_with(
         &self,
         head_only: bool,
+        head_timeout: Duration,
         encode: impl Fn(&mut BytesMut),
     ) -> Result<Response<Body>, Error> {
         if let Some(conn) = self.inner.checkout() {
-            match self.exchange(conn, &encode, head_only).await {
+            match self.exchange(conn, &encode, head_only, head_timeout).await {
                 Err(Attempt::Stale(_)) => {}
                 Err(Attempt::Failed(e)) => return Err(e),
                 Ok(resp) => return Ok(resp),
             }
         }
-        let conn = self.inner.connect().await?;
-        match self.exchange(conn, &encode, head_only).await {
+        // Rare (the pool was empty, or its connection stale): boxed, so that the state of
+        // a connect does not make every request's future larger.
+        let conn = Box::pin(self.inner.connect()).await?;
+        match self.exchange(conn, &encode, head_only, head_timeout).await {
             Ok(resp) => Ok(resp),
             Err(Attempt::Stale(e) | Attempt::Failed(e)) => Err(e),
         }
     }
 
+    /// One attempt on `conn`, bounded by its deadline timer. The timer lives with the
+    /// connection and is moved forward for each exchange: moving a registered timer later
+    /// is one atomic operation, where a new timer per request is registered with the
+    /// runtime's timer wheel and removed again.
     async fn exchange(
         &self,
         conn: Conn,
         encode: &impl Fn(&mut BytesMut),
         head_only: bool,
+        head_timeout: Duration,
     ) -> Result<Response<Body>, Attempt> {
-        let Conn { mut io, mut buf } = conn;
+        let Conn {
+            mut io,
+            mut buf,
+            mut timer,
+        } = conn;
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + head_timeout);
+        let head = tokio::select! {
+            biased;
+            head = Self::read_head(&mut io, &mut buf, encode, head_only) => head?,
+            () = timer.as_mut() => return Err(Attempt::Failed(Error::HeadTimeout(head_timeout))),
+        };
+        let (head, framing, keep_alive) = head;
+        let body = Body::new(
+            Conn { io, buf, timer },
+            framing,
+            keep_alive,
+            self.inner.clone(),
+        );
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        // An empty body is complete now: give the connection back at once.
+        resp.body_mut().finish_if_done();
+        Ok(resp)
+    }
+
+    /// Writes the request head and reads the response head; what follows the head stays
+    /// in `buf`.
+    async fn read_head(
+        io: &mut TcpStream,
+        buf: &mut BytesMut,
+        encode: &impl Fn(&mut BytesMut),
+        head_only: bool,
+    ) -> Result<(Head, Framing, bool), Attempt> {
         // The connection's buffer carries the request head out, then the response in; the
         // frames of the last response are gone by now, so no new allocation is needed.
         buf.clear();
         buf.reserve(READ_SIZE);
-        encode(&mut buf);
-        if let Err(e) = io.write_all(&buf).await {
+        encode(buf);
+        if let Err(e) = io.write_all(buf).await {
             return Err(Attempt::Stale(e.into()));
         }
         buf.clear();
         // Nothing at all back means a pooled connection the registry had closed.
-        match io.read_buf(&mut buf).await {
+        match io.read_buf(buf).await {
             Ok(0) => return Err(Attempt::Stale(Error::Closed)),
             Ok(_) => {}
             Err(e) => return Err(Attempt::Stale(e.into())),
         }
         loop {
-            match parse_head(&mut buf, head_only).map_err(Attempt::Failed)? {
+            match parse_head(buf, head_only).map_err(Attempt::Failed)? {
                 Parsed::Partial if buf.len() > MAX_HEAD => {
                     return Err(Attempt::Failed(Error::Malformed("response head too large")))
                 }
@@ -185,7 +234,7 @@ impl Pool {
                     if buf.capacity() - buf.len() < 1024 {
                         buf.reserve(READ_SIZE);
                     }
-                    match io.read_buf(&mut buf).await {
+                    match io.read_buf(buf).await {
                         Ok(0) => return Err(Attempt::Failed(Error::Malformed("truncated head"))),
                         Ok(_) => {}
                         Err(e) => return Err(Attempt::Failed(e.into())),
@@ -194,25 +243,17 @@ impl Pool {
                 // 1xx before the answer (100 Continue, 103 Early Hints): skipped; what
                 // follows it may already be in the buffer.
                 Parsed::Interim => {}
-                Parsed::Done(head, framing, keep_alive) => {
-                    let body = Body::new(io, buf, framing, keep_alive, self.inner.clone());
-                    let mut resp = Response::new(body);
-                    *resp.status_mut() = head.status;
-                    *resp.version_mut() = head.version;
-                    *resp.headers_mut() = head.headers;
-                    // An empty body is complete now: give the connection back at once.
-                    resp.body_mut().finish_if_done();
-                    return Ok(resp);
-                }
+                Parsed::Done(head, framing, keep_alive) => return Ok((head, framing, keep_alive)),
             }
         }
     }
 }
 
-/// A connection and its buffer, which it keeps while idle.
+/// A connection, its buffer and its deadline timer, which it keeps while idle.
 struct Conn {
     io: TcpStream,
     buf: BytesMut,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// How one attempt on a connection failed: `Stale` when nothing came back (a pooled
@@ -320,6 +361,8 @@ impl Inner {
         Ok(Conn {
             io,
             buf: BytesMut::with_capacity(READ_SIZE),
+            // Armed by each exchange (see `Pool::exchange`).
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         })
     }
 }
@@ -341,6 +384,23 @@ async fn sweep(pool: std::sync::Weak<Inner>) {
                 && matches!(c.conn.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
         });
     }
+}
+
+/// The registry's own header names, which `http` does not know: taken as they are
+/// rather than lower-cased into a new allocation for every response.
+static REGISTRY_NAMES: [HeaderName; 2] = [
+    HeaderName::from_static("docker-content-digest"),
+    HeaderName::from_static("docker-distribution-api-version"),
+];
+
+/// A header name from a response head: a standard one or one of the registry's without
+/// an allocation, any other valid token copied.
+fn header_name(raw: &[u8]) -> Option<HeaderName> {
+    REGISTRY_NAMES
+        .iter()
+        .find(|n| n.as_str().as_bytes().eq_ignore_ascii_case(raw))
+        .cloned()
+        .or_else(|| HeaderName::from_bytes(raw).ok())
 }
 
 /// Writes `METHOD path HTTP/1.1`, the header fields and the blank line. `http`'s types
@@ -424,7 +484,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
         let (n0, n1, v0, v1) = (n0.into(), n1.into(), v0.into(), v1.into());
         let name = head_bytes
             .get(n0..n1)
-            .and_then(|n| HeaderName::from_bytes(n).ok())
+            .and_then(header_name)
             .ok_or(Error::Malformed("invalid header name"))?;
         let value = head_bytes
             .get(v0..v1)

@@ -68,7 +68,9 @@ fn get_headers() -> HeaderMap {
 }
 
 async fn get(pool: &Pool, method: Method) -> Result<(Response<()>, Bytes), Error> {
-    let resp = pool.send(&method, "/v2/", &get_headers()).await?;
+    let resp = pool
+        .send(&method, "/v2/", &get_headers(), Duration::from_secs(30))
+        .await?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await?.to_bytes();
     Ok((Response::from_parts(parts, ()), body))
@@ -134,7 +136,15 @@ async fn a_head_response_has_no_body_and_keeps_its_connection() {
     const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 1245\r\n\r\n";
     let up = upstream(vec![HEAD, OK_CL], usize::MAX).await;
     let p = pool(up.port);
-    let resp = p.send(&Method::HEAD, "/v2/", &get_headers()).await.unwrap();
+    let resp = p
+        .send(
+            &Method::HEAD,
+            "/v2/",
+            &get_headers(),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
     assert!(http_body::Body::is_end_stream(resp.body()));
     assert_eq!(resp.headers()["content-length"], "1245");
     let (_, body) = get(&p, Method::GET).await.unwrap();
@@ -215,7 +225,15 @@ async fn a_body_dropped_before_its_end_closes_its_connection() {
     const LONG: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nhello";
     let up = upstream(vec![LONG, OK_CL], usize::MAX).await;
     let p = pool(up.port);
-    let resp = p.send(&Method::GET, "/v2/", &get_headers()).await.unwrap();
+    let resp = p
+        .send(
+            &Method::GET,
+            "/v2/",
+            &get_headers(),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
     drop(resp);
     let (_, body) = get(&p, Method::GET).await.unwrap();
     assert_eq!(&body[..], b"hello");
@@ -259,7 +277,12 @@ async fn only_get_and_head_are_sent() {
     let up = upstream(vec![OK_CL], usize::MAX).await;
     let p = pool(up.port);
     assert!(p
-        .send(&Method::DELETE, "/v2/", &get_headers())
+        .send(
+            &Method::DELETE,
+            "/v2/",
+            &get_headers(),
+            Duration::from_secs(30)
+        )
         .await
         .is_err());
     assert_eq!(up.accepts.load(Ordering::SeqCst), 0, "nothing was sent");
@@ -298,4 +321,81 @@ async fn a_host_name_is_resolved_and_connected_to() {
     );
     let (_, body) = get(&p, Method::GET).await.unwrap();
     assert_eq!(&body[..], b"hello");
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_is_a_head_timeout() {
+    // Accepts and reads, never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut io, _) = listener.accept().await.unwrap();
+        let mut sink = Vec::new();
+        let _ = io.read_to_end(&mut sink).await;
+    });
+    let p = pool(port);
+    let err = p
+        .send(
+            &Method::GET,
+            "/v2/",
+            &get_headers(),
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::HeadTimeout(t) if t == Duration::from_millis(200)),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_pooled_connection_whose_last_deadline_passed_while_idle_serves_the_next_request() {
+    // The connection's timer was armed for the first exchange; its deadline passes while the
+    // connection sits in the pool. The next exchange must get a fresh deadline, not the
+    // fired one.
+    let up = upstream(vec![OK_CL, OK_CL], usize::MAX).await;
+    let p = pool(up.port);
+    let timeout = Duration::from_millis(300);
+    let first = p
+        .send(&Method::GET, "/v2/", &get_headers(), timeout)
+        .await
+        .unwrap();
+    first.into_body().collect().await.unwrap();
+    tokio::time::sleep(timeout * 3).await;
+    let second = p
+        .send(&Method::GET, "/v2/", &get_headers(), timeout)
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(
+        up.accepts.load(Ordering::SeqCst),
+        1,
+        "the same connection, reused"
+    );
+}
+
+#[test]
+fn header_names_are_matched_case_insensitively_and_invalid_ones_refused() {
+    for (raw, want) in [
+        (&b"Docker-Content-Digest"[..], "docker-content-digest"),
+        (
+            b"DOCKER-DISTRIBUTION-API-VERSION",
+            "docker-distribution-api-version",
+        ),
+        (b"Content-Type", "content-type"),
+        (b"X-Registry-Own", "x-registry-own"),
+    ] {
+        assert_eq!(
+            header_name(raw).map(|n| n.to_string()).as_deref(),
+            Some(want)
+        );
+    }
+    assert_eq!(header_name(b"bad name"), None);
+    assert_eq!(
+        header_name(b"Docker-Content-Digest2")
+            .map(|n| n.to_string())
+            .as_deref(),
+        Some("docker-content-digest2")
+    );
 }

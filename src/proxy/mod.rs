@@ -283,8 +283,10 @@ impl Proxy {
         } else {
             let forwarded = match gated {
                 Some((gate, reference)) => {
-                    self.gated_push(&gate, &reference, req, conn, &mut exchange)
-                        .await
+                    // Boxed, as are the other rare branches below: the request future
+                    // is moved whole several times per request, and these states would
+                    // make every manifest GET's future kilobytes larger.
+                    Box::pin(self.gated_push(&gate, &reference, req, conn, &mut exchange)).await
                 }
                 None => {
                     let copies = Copies {
@@ -307,7 +309,7 @@ impl Proxy {
                     }
                     if let (Some(digest), Some(vault)) = (&forgetting, &self.vault) {
                         if resp.status() == StatusCode::ACCEPTED {
-                            vault.forget(repository, digest).await;
+                            Box::pin(vault.forget(repository, digest)).await;
                         }
                     }
                     if let Some(copy) = upload {
@@ -316,7 +318,9 @@ impl Proxy {
                     }
                     if resp.status() == StatusCode::NOT_FOUND {
                         if let Some(ask) = ask {
-                            if let Some(answer) = self.answer_from_vault(ask, repository).await {
+                            if let Some(answer) =
+                                Box::pin(self.answer_from_vault(ask, repository)).await
+                            {
                                 resp = answer;
                             }
                         }
@@ -383,12 +387,24 @@ impl Proxy {
         let h2_download = head.version == Version::HTTP_2
             && exchange.route == RouteKind::Blob
             && head.method == Method::GET;
-        let body = Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request);
-        let body = match copies.request {
-            Some(tap) => UpstreamBody::Tapped { body, tap },
-            None => UpstreamBody::Client { body },
+        let mut resp = match via {
+            // The manifest path: kept lean (its future is moved whole several times per
+            // request), with no request body to carry.
+            Via::Direct(direct) => {
+                drop(body); // bodiless: ended already
+                self.send_direct(direct, head, conn, tally).await?
+            }
+            // Boxed: the pooled path's state (a select over the request and its deadline)
+            // would double the size of every request's future.
+            Via::Pooled(client) => {
+                let body = Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request);
+                let body = match copies.request {
+                    Some(tap) => UpstreamBody::Tapped { body, tap },
+                    None => UpstreamBody::Client { body },
+                };
+                Box::pin(self.send_pooled(client, head, body, conn, tally)).await?
+            }
         };
-        let mut resp = self.send(via, head, body, conn, tally).await?;
         // A whole blob the vault keeps (`vault.layers`): copied as it streams to the client
         // (attached before an HTTP/2 download is handed to its relay task, which feeds it).
         if let (Some(vault), Some(digest), Some(repository)) = (

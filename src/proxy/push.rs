@@ -120,8 +120,8 @@ impl Proxy {
             data: Some(pushed.bytes.clone()),
         };
         let resp = self
-            .send(
-                super::send::Via::Pooled(self.pools.lean()),
+            .send_pooled(
+                self.pools.lean(),
                 pushed.head,
                 body,
                 conn,

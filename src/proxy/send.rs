@@ -14,74 +14,82 @@ use crate::proxy::{remove_hop_by_hop, rewrite_request_headers};
 use crate::upstream::UpstreamBody;
 
 impl Proxy {
-    /// Sends a request head and body upstream and relays the response head.
-    pub(super) async fn send(
+    /// Sends a request head and body upstream by hyper-util's pooled client and relays the
+    /// response head.
+    pub(super) async fn send_pooled(
         &self,
-        via: Via<'_>,
+        client: &crate::upstream::UpstreamClient,
         mut head: http::request::Parts,
         body: UpstreamBody,
         conn: ConnInfo,
         tally: Arc<Tally>,
     ) -> Result<Response<ResponseBody>, ForwardError> {
         head.version = Version::HTTP_11;
-
-        // The wait for the response head starts when the request body has been sent
-        // (nginx's proxy_read_timeout); while it streams, the body's own idle timeout
-        // guards against a stalled client. A 6 s upload with a 2 s idle timeout works.
-        let request = async {
-            match via {
-                Via::Pooled(client) => {
-                    rewrite_request_headers(
-                        &mut head.headers,
-                        head.uri.authority(),
-                        conn,
-                        &self.upstream,
-                    );
-                    let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    head.uri = self
-                        .upstream
-                        .uri_for(path_and_query)
-                        .map_err(SendError::Uri)?;
-                    client
-                        .request(Request::from_parts(head, body))
-                        .await
+        rewrite_request_headers(
+            &mut head.headers,
+            head.uri.authority(),
+            conn,
+            &self.upstream,
+        );
+        let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let sent = match self.upstream.uri_for(path_and_query) {
+            Err(e) => Err(SendError::Uri(e)),
+            Ok(uri) => {
+                head.uri = uri;
+                let request = client.request(Request::from_parts(head, body));
+                // The wait for the response head starts when the request body has been
+                // sent (nginx's proxy_read_timeout); while it streams, the body's own idle
+                // timeout guards against a stalled client. A 6 s upload with a 2 s idle
+                // timeout works.
+                let head_deadline = async {
+                    tally.request_done.notified().await;
+                    tokio::time::sleep(self.idle_timeout).await;
+                };
+                tokio::select! {
+                    r = request => r
                         .map(|r| r.map(|body| Inbound::Pooled { body }))
-                        .map_err(SendError::Pooled)
-                }
-                Via::Direct(direct) => {
-                    // Fields a `Connection` field names go first; the rest of the rewrite
-                    // goes straight into the head the lean client writes.
-                    remove_hop_by_hop(&mut head.headers);
-                    let forwarding =
-                        Forwarding::of(&head.headers, head.uri.authority(), conn, &self.upstream);
-                    let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
-                    let sent = direct
-                        .send_with(head.method == Method::HEAD, |out| {
-                            forwarding.encode(&head.method, path_and_query, &head.headers, out)
-                        })
-                        .await;
-                    sent.map(|r| r.map(|body| Inbound::Direct { body }))
-                        .map_err(SendError::Direct)
+                        .map_err(SendError::Pooled),
+                    () = head_deadline => Err(SendError::HeadTimeout),
                 }
             }
         };
-        let idle = self.idle_timeout;
-        let head_deadline = async {
-            tally.request_done.notified().await;
-            tokio::time::sleep(idle).await;
-        };
-        let sent = tokio::select! {
-            r = request => Ok(r),
-            () = head_deadline => Err(()),
-        };
+        self.relay_head(sent, tally)
+    }
+
+    /// Sends a bodiless GET or HEAD by this serving thread's lean client (see `h1`) and
+    /// relays the response head. The wait for the response head starts at once, bounded by
+    /// the lean client's own timer.
+    pub(super) async fn send_direct(
+        &self,
+        direct: &crate::h1::Pool,
+        mut head: http::request::Parts,
+        conn: ConnInfo,
+        tally: Arc<Tally>,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
+        // Fields a `Connection` field names go first; the rest of the rewrite goes straight
+        // into the head the lean client writes.
+        remove_hop_by_hop(&mut head.headers);
+        let forwarding = Forwarding::of(&head.headers, head.uri.authority(), conn, &self.upstream);
+        let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let sent = direct
+            .send_with(head.method == Method::HEAD, self.idle_timeout, |out| {
+                forwarding.encode(&head.method, path_and_query, &head.headers, out)
+            })
+            .await
+            .map(|r| r.map(|body| Inbound::Direct { body }))
+            .map_err(SendError::Direct);
+        self.relay_head(sent, tally)
+    }
+
+    /// The response head as the client gets it (hop-by-hop fields removed, the body metered),
+    /// or the error it is answered with; the upstream watch hears either way.
+    fn relay_head(
+        &self,
+        sent: Result<Response<Inbound>, SendError>,
+        tally: Arc<Tally>,
+    ) -> Result<Response<ResponseBody>, ForwardError> {
         let response = match sent {
-            Err(_) => {
-                return Err(ForwardError::Timeout {
-                    stage: "response headers",
-                    after: self.idle_timeout,
-                })
-            }
-            Ok(Err(e)) => {
+            Err(e) => {
                 let error = self.classify_client_error(&e, &tally);
                 if let (Some(w), ForwardError::Unreachable(_) | ForwardError::Timeout { .. }) =
                     (&self.watch, &error)
@@ -90,14 +98,13 @@ impl Proxy {
                 }
                 return Err(error);
             }
-            Ok(Ok(r)) => {
+            Ok(r) => {
                 if let Some(w) = &self.watch {
                     w.answered();
                 }
                 r
             }
         };
-
         let (mut head, body) = response.into_parts();
         remove_hop_by_hop(&mut head.headers);
         let body = Metered::new(body, self.idle_timeout, tally, Direction::Response);
@@ -108,6 +115,12 @@ impl Proxy {
 impl Proxy {
     fn classify_client_error(&self, e: &SendError, tally: &Tally) -> ForwardError {
         let e = match e {
+            SendError::HeadTimeout | SendError::Direct(crate::h1::Error::HeadTimeout(_)) => {
+                return ForwardError::Timeout {
+                    stage: "response headers",
+                    after: self.idle_timeout,
+                }
+            }
             SendError::Uri(e) => {
                 return ForwardError::Unreachable(format!("cannot build upstream URI: {e}"))
             }
@@ -147,6 +160,8 @@ pub(super) enum Via<'a> {
 /// Why a request got no response head, by the client that carried it.
 enum SendError {
     Uri(http::Error),
+    /// No response head within the idle timeout after the request was sent.
+    HeadTimeout,
     Pooled(hyper_util::client::legacy::Error),
     Direct(crate::h1::Error),
 }

@@ -200,11 +200,7 @@ impl Inspector {
     /// everything cached about the repository and validates the indexes known there.
     pub(crate) fn deleted(&self, repo: &str, auth: Option<&HeaderValue>) {
         self.checker.forget_repository(repo);
-        let r: Arc<str> = Arc::from(repo);
-        let _ = self
-            .shared
-            .recent_ok
-            .invalidate_entries_if(move |k, _| k.0 == r);
+        self.shared.recent_ok.forget_repository(repo);
         let known: Vec<(Arc<str>, Arc<str>)> = self
             .shared
             .indexes
@@ -225,7 +221,7 @@ impl Inspector {
     /// The upstream went away and came back: nothing it said before can be trusted.
     pub(crate) fn upstream_returned(&self) {
         self.checker.forget_all();
-        self.shared.recent_ok.invalidate_all();
+        self.shared.recent_ok.forget_all();
         tracing::warn!(
             "the registry went away and came back: cached answers dropped; every index is validated afresh"
         );
@@ -234,10 +230,7 @@ impl Inspector {
 
 impl Shared {
     fn forget_ok(&self, repo: &str, index: &str) {
-        for blobs in [false, true] {
-            self.recent_ok
-                .invalidate(&(Arc::from(repo), Arc::from(index), blobs));
-        }
+        self.recent_ok.forget(repo, index);
     }
 
     fn revalidate(

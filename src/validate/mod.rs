@@ -29,6 +29,7 @@ use crate::oci::{Manifest, ManifestKind};
 use crate::supervise::Supervisor;
 
 mod evidence;
+mod recent;
 mod walk;
 pub use evidence::Witness;
 use futures_util::FutureExt as _;
@@ -84,7 +85,7 @@ struct Shared {
     /// (repository, manifest digest, with blobs) validated ok within `ok_ttl`: served again,
     /// it is counted from this verdict without a job (its references' presence is cached as
     /// long). A validation without blob checks does not stand in for one with them.
-    recent_ok: Cache<(Arc<str>, Arc<str>, bool), ()>,
+    recent_ok: recent::RecentOk,
     /// (repository, index digest) → the reference it was served under: the indexes to
     /// validate again when something in their repository is deleted.
     indexes: Cache<(Arc<str>, Arc<str>), Arc<str>>,
@@ -224,11 +225,7 @@ impl Validator {
                 .build(),
             // Manifests validated ok within ok_ttl: one entry per (repository, digest)
             // served; 100,000 covers every index a registry serves in five minutes.
-            recent_ok: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(settings.ok_ttl)
-                .support_invalidation_closures()
-                .build(),
+            recent_ok: recent::RecentOk::new(100_000, settings.ok_ttl),
             // Indexes served in the last day, per repository: 100,000 covers a large
             // registry's active tags; past it, the least recently served are forgotten
             // (a delete then re-validates them only when they are served again).
@@ -282,15 +279,13 @@ impl Validator {
         kind: ManifestKind,
         blobs: bool,
     ) -> bool {
-        let (repo, digest): (Arc<str>, Arc<str>) = (Arc::from(repository), Arc::from(digest));
         let recent = &self.shared.recent_ok;
         // Without blob checks either entry will do; the one such a server inserts (`false`)
         // is looked up first, so the steady state costs one lookup, not two.
         let hit = if blobs {
-            recent.contains_key(&(repo, digest, true))
+            recent.contains(repository, digest, true)
         } else {
-            recent.contains_key(&(repo.clone(), digest.clone(), false))
-                || recent.contains_key(&(repo, digest, true))
+            recent.contains(repository, digest, false) || recent.contains(repository, digest, true)
         };
         if hit && kind == ManifestKind::Index {
             self.shared.metrics.index_checks.inc(IndexCheck::Ok);
@@ -511,14 +506,9 @@ impl Inspector {
         } else if tally.errors > 0 {
             IndexCheck::Error
         } else {
-            self.shared.recent_ok.insert(
-                (
-                    Arc::from(job.repository.as_str()),
-                    Arc::from(digest),
-                    job.blobs,
-                ),
-                (),
-            );
+            self.shared
+                .recent_ok
+                .insert(&job.repository, digest, job.blobs);
             IndexCheck::Ok
         };
         let is_index = matches!(manifest, Manifest::Index { .. });
