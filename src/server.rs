@@ -456,7 +456,7 @@ impl Front {
             proxy,
             metrics: metrics.clone(),
             tls,
-            builder: connection_builder(settings),
+            builder: connection_builder(),
             slots: Slots::new(settings.max_connections, metrics.connections_open.clone()),
             refusals: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
             deadlines: Arc::new(Deadlines {
@@ -539,12 +539,14 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeE
         .map_err(|source| ServeError::Bind { key, addr, source })
 }
 
-fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
+fn connection_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // `header_read_timeout` is enforced by `conn::ClientIo` (no request in flight for
+        // that long closes the connection, a request head trickling in included). hyper's
+        // own took a timer allocated, registered and dropped per request.
+        .header_read_timeout(None)
         // A client that closes its end cancels its in-flight request: a push's gate walk
         // stops with it (tests/hostile.rs, a_push_abandoned_by_its_client_stops_its_checks).
         .half_close(false)

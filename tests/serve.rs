@@ -398,6 +398,55 @@ fn sigterm_lets_an_in_flight_download_finish_then_exits_zero() {
 }
 
 #[test]
+fn a_request_head_trickling_in_is_cut_after_the_header_read_timeout() {
+    let reg = Registry::start();
+    let rg = Regguard::start_with(
+        &reg.url(),
+        RegguardOptions {
+            args: vec!["--header-read-timeout".into(), "1s".into()],
+            ..Default::default()
+        },
+    );
+    let s = TcpStream::connect(rg.public).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    // One byte every 200 ms: every read completes, yet the head never does. 100 bytes
+    // would take 20 s.
+    let trickle = std::thread::spawn(move || {
+        let head = format!("GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Pad: {}", "a".repeat(100));
+        for (sent, b) in head.bytes().enumerate() {
+            if writer.write_all(&[b]).is_err() {
+                return sent;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        head.len()
+    });
+    let mut reader = s;
+    reader
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut total = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&total);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    let sent = trickle.join().unwrap();
+    let whole = "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Pad: ".len() + 100;
+    assert!(
+        sent < whole,
+        "the connection stayed open for the whole trickled head ({sent} bytes)"
+    );
+}
+
+#[test]
 fn slow_loris_client_is_cut_after_the_header_read_timeout() {
     let reg = Registry::start();
     let rg = Regguard::start_with(
