@@ -205,156 +205,193 @@ impl Proxy {
     }
 
     /// Handles one client request; never fails (failures become OCI error responses).
-    pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ResponseBody> {
-        let started = Instant::now();
-        // Classified as the registry's router will see it (percent-decoded); forwarded as sent.
-        let decoded = route::decode_path(req.uri().path());
-        let route = match &decoded {
-            Ok(path) => route::classify(path),
-            Err(_) => route::classify(""),
-        };
-        let route_kind = route.kind;
-        // A name outside the registry's grammar is the registry's to redirect or refuse:
-        // neither gated nor validated (checks under it would only be redirected too).
-        let named = route.repository.is_some_and(route::is_repository_name);
-        let (upload, request_tap) = match named.then(|| self.upload_copy(&req, &route)).flatten() {
-            Some((copy, tap)) => (Some(copy), tap),
-            None => (None, None),
-        };
-        let mut exchange = Exchange {
-            metrics: self.metrics.clone(),
-            tally: Arc::new(Tally::default()),
-            method: req.method().clone(),
-            route: route.kind,
-            repository: route.repository.map(str::to_owned),
-            client: ClientAddr::of(conn, req.headers(), &self.trusted_proxies),
-            started,
-            status: None,
-            error: None,
-            access_log: self.access_log,
-            _bulk: None,
-        };
-
-        let read = self.read_ctx(&req, &route).filter(|_| named);
-        let ask = self.vault_ask(&req, &route).filter(|_| named);
-        // A whole blob GET (no Range): with `vault.layers`, copied into the vault as it streams.
-        let whole_blob = (named
-            && route_kind == RouteKind::Blob
-            && *req.method() == Method::GET
-            && self.vault.as_ref().is_some_and(|v| v.settings().layers)
-            && !req.headers().contains_key(header::RANGE))
-        .then(|| route.reference.unwrap_or("").to_owned());
-        // A DELETE by digest that the registry carries out takes it out of the vault too: it
-        // was deleted on purpose and must not be served back.
-        let forgetting = (*req.method() == Method::DELETE
-            && matches!(route_kind, RouteKind::Manifest | RouteKind::Blob)
-            && named
-            && self.vault.is_some())
-        .then(|| route.reference.unwrap_or("").to_owned())
-        .filter(|r| oci::is_sha256_digest(r));
-        // A DELETE by digest that the registry carries out is evidence for validation.
-        let deleting = (*req.method() == Method::DELETE
-            && matches!(route_kind, RouteKind::Manifest | RouteKind::Blob)
-            && named
-            && self.validation.is_some())
-        .then(|| req.headers().get(header::AUTHORIZATION).cloned());
-        let gated = match (&self.gate, route_kind, req.method()) {
-            (Some(g), RouteKind::Manifest, &Method::PUT)
-                if g.settings.mode != GateMode::Off && named =>
-            {
-                Some((g.clone(), route.reference.unwrap_or("").to_owned()))
-            }
-            _ => None,
-        };
-        let mut response = if let Err(e) = &decoded {
-            crate::error::oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID", &e.to_string())
-        } else if !req.headers().contains_key(header::HOST) && req.uri().authority().is_none() {
-            // As nginx does: without Host the registry would mint Location URLs naming
-            // its own internal address.
-            crate::error::oci_error(
-                StatusCode::BAD_REQUEST,
-                "UNSUPPORTED",
-                "the request has no Host header",
-            )
-        } else if route_kind == RouteKind::Root
-            && matches!(*req.method(), Method::GET | Method::HEAD)
-        {
-            liveness()
-        } else {
-            let forwarded = match gated {
-                Some((gate, reference)) => {
-                    // Boxed, as are the other rare branches below: the request future
-                    // is moved whole several times per request, and these states would
-                    // make every manifest GET's future kilobytes larger.
-                    Box::pin(self.gated_push(&gate, &reference, req, conn, &mut exchange)).await
-                }
-                None => {
-                    let copies = Copies {
-                        request: request_tap,
-                        whole_blob: whole_blob.as_deref(),
-                    };
-                    self.forward(req, conn, &mut exchange, copies).await
-                }
-            };
-            match forwarded {
-                Ok(mut resp) => {
-                    let repository = exchange.repository.as_deref().unwrap_or("");
-                    if let Some(read) = read {
-                        self.tap_response(read, repository, &mut resp);
-                    }
-                    if let (Some(auth), Some(v)) = (&deleting, &self.validation) {
-                        if resp.status() == StatusCode::ACCEPTED {
-                            v.validator.deleted(repository, auth.as_ref());
-                        }
-                    }
-                    if let (Some(digest), Some(vault)) = (&forgetting, &self.vault) {
-                        if resp.status() == StatusCode::ACCEPTED {
-                            Box::pin(vault.forget(repository, digest)).await;
-                        }
-                    }
-                    if let Some(copy) = upload {
-                        let range = resp.headers().get(header::RANGE);
-                        self.upload_answered(copy, resp.status(), range);
-                    }
-                    if resp.status() == StatusCode::NOT_FOUND {
-                        if let Some(ask) = ask {
-                            if let Some(answer) =
-                                Box::pin(self.answer_from_vault(ask, repository)).await
-                            {
-                                resp = answer;
-                            }
-                        }
-                    }
-                    resp
-                }
-                Err(e) => {
-                    self.metrics.upstream_error(e.kind());
-                    exchange.error = Some(e.kind());
-                    tracing::warn!(
-                        route = route_kind.as_str(),
-                        client = %exchange.client,
-                        error = %e,
-                        "forwarding failed"
-                    );
-                    e.to_response()
-                }
-            }
-        };
-        exchange.status = Some(response.status());
-        self.metrics
-            .observe_header_latency(exchange.route, started.elapsed().as_secs_f64());
-        response.body_mut().attach(exchange);
-        response
-    }
-
-    /// Phase 3: forwards the request, taking the side copies the vault asked for.
-    async fn forward(
+    // A plain fn returning an `async move` block rather than an `async fn`: an async fn
+    // keeps its arguments twice in its state (as passed and as moved into locals), and this
+    // future is moved whole several times per request.
+    #[allow(clippy::manual_async_fn)] // deliberate: see the comment above
+    pub fn handle(
         &self,
         req: Request<Incoming>,
         conn: ConnInfo,
-        exchange: &mut Exchange,
-        copies: Copies<'_>,
-    ) -> Result<Response<ResponseBody>, ForwardError> {
+    ) -> impl std::future::Future<Output = Response<ResponseBody>> + Send + '_ {
+        async move {
+            let started = Instant::now();
+            // Classified as the registry's router will see it (percent-decoded); forwarded as sent.
+            let decoded = route::decode_path(req.uri().path());
+            let route = match &decoded {
+                Ok(path) => route::classify(path),
+                Err(_) => route::classify(""),
+            };
+            let route_kind = route.kind;
+            // A name outside the registry's grammar is the registry's to redirect or refuse:
+            // neither gated nor validated (checks under it would only be redirected too).
+            let named = route.repository.is_some_and(route::is_repository_name);
+            let (upload, request_tap) =
+                match named.then(|| self.upload_copy(&req, &route)).flatten() {
+                    Some((copy, tap)) => (Some(copy), tap),
+                    None => (None, None),
+                };
+            let mut exchange = Exchange {
+                metrics: self.metrics.clone(),
+                tally: Arc::new(Tally::default()),
+                method: req.method().clone(),
+                route: route.kind,
+                repository: route.repository.map(str::to_owned),
+                client: ClientAddr::of(conn, req.headers(), &self.trusted_proxies),
+                started,
+                status: None,
+                error: None,
+                access_log: self.access_log,
+                _bulk: None,
+            };
+
+            let read = self.read_ctx(&req, &route).filter(|_| named);
+            let ask = self.vault_ask(&req, &route).filter(|_| named);
+            // A whole blob GET (no Range): with `vault.layers`, copied into the vault as it streams.
+            let whole_blob = (named
+                && route_kind == RouteKind::Blob
+                && *req.method() == Method::GET
+                && self.vault.as_ref().is_some_and(|v| v.settings().layers)
+                && !req.headers().contains_key(header::RANGE))
+            .then(|| route.reference.unwrap_or("").to_owned());
+            // A DELETE by digest that the registry carries out takes it out of the vault too: it
+            // was deleted on purpose and must not be served back.
+            let forgetting = (*req.method() == Method::DELETE
+                && matches!(route_kind, RouteKind::Manifest | RouteKind::Blob)
+                && named
+                && self.vault.is_some())
+            .then(|| route.reference.unwrap_or("").to_owned())
+            .filter(|r| oci::is_sha256_digest(r));
+            // A DELETE by digest that the registry carries out is evidence for validation.
+            let deleting = (*req.method() == Method::DELETE
+                && matches!(route_kind, RouteKind::Manifest | RouteKind::Blob)
+                && named
+                && self.validation.is_some())
+            .then(|| req.headers().get(header::AUTHORIZATION).cloned());
+            let gated = match (&self.gate, route_kind, req.method()) {
+                (Some(g), RouteKind::Manifest, &Method::PUT)
+                    if g.settings.mode != GateMode::Off && named =>
+                {
+                    Some((g.clone(), route.reference.unwrap_or("").to_owned()))
+                }
+                _ => None,
+            };
+            // What waits on the vault after the registry answered (rare), done after the
+            // answer's match so that no response is held across an await inside it.
+            let mut follow_up = None;
+            let mut response = if let Err(e) = &decoded {
+                crate::error::oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID", &e.to_string())
+            } else if !req.headers().contains_key(header::HOST) && req.uri().authority().is_none() {
+                // As nginx does: without Host the registry would mint Location URLs naming
+                // its own internal address.
+                crate::error::oci_error(
+                    StatusCode::BAD_REQUEST,
+                    "UNSUPPORTED",
+                    "the request has no Host header",
+                )
+            } else if route_kind == RouteKind::Root
+                && matches!(*req.method(), Method::GET | Method::HEAD)
+            {
+                liveness()
+            } else {
+                let forwarded = match gated {
+                    Some((gate, reference)) => {
+                        // Boxed, as are the other rare branches below: the request future
+                        // is moved whole several times per request, and these states would
+                        // make every manifest GET's future kilobytes larger.
+                        Box::pin(self.gated_push(&gate, &reference, req, conn, &mut exchange)).await
+                    }
+                    None => {
+                        let copies = Copies {
+                            request: request_tap,
+                            whole_blob: whole_blob.as_deref(),
+                        };
+                        self.forward(req, conn, &mut exchange, copies).await
+                    }
+                };
+                match forwarded {
+                    Ok(mut resp) => {
+                        let repository = exchange.repository.as_deref().unwrap_or("");
+                        if let Some(read) = read {
+                            self.tap_response(read, repository, &mut resp);
+                        }
+                        if let (Some(auth), Some(v)) = (&deleting, &self.validation) {
+                            if resp.status() == StatusCode::ACCEPTED {
+                                v.validator.deleted(repository, auth.as_ref());
+                            }
+                        }
+                        if let Some(copy) = upload {
+                            let range = resp.headers().get(header::RANGE);
+                            self.upload_answered(copy, resp.status(), range);
+                        }
+                        // What waits on the vault is rare (a DELETE it carried out, a 404
+                        // it may answer) and runs boxed: no response is held across an await
+                        // in this future, which would make every request's future larger.
+                        let forget = forgetting.filter(|_| resp.status() == StatusCode::ACCEPTED);
+                        let ask = ask.filter(|_| resp.status() == StatusCode::NOT_FOUND);
+                        if forget.is_some() || ask.is_some() {
+                            follow_up = Some((forget, ask));
+                        }
+                        resp
+                    }
+                    Err(e) => {
+                        self.metrics.upstream_error(e.kind());
+                        exchange.error = Some(e.kind());
+                        tracing::warn!(
+                            route = route_kind.as_str(),
+                            client = %exchange.client,
+                            error = %e,
+                            "forwarding failed"
+                        );
+                        e.to_response()
+                    }
+                }
+            };
+            if let Some((forget, ask)) = follow_up {
+                let repository = exchange.repository.as_deref().unwrap_or("");
+                response = Box::pin(self.vault_after(response, forget, ask, repository)).await;
+            }
+            exchange.status = Some(response.status());
+            self.metrics
+                .observe_header_latency(exchange.route, started.elapsed().as_secs_f64());
+            response.body_mut().attach(exchange);
+            response
+        }
+    }
+
+    /// After the registry answered: a digest it deleted leaves the vault (`forget`), and a
+    /// 404 is answered from the vault if it holds the bytes (`ask`).
+    async fn vault_after(
+        &self,
+        resp: Response<ResponseBody>,
+        forget: Option<String>,
+        ask: Option<vault::VaultAsk>,
+        repository: &str,
+    ) -> Response<ResponseBody> {
+        if let (Some(digest), Some(vault)) = (forget, &self.vault) {
+            vault.forget(repository, &digest).await;
+        }
+        if let Some(ask) = ask {
+            if let Some(answer) = self.answer_from_vault(ask, repository).await {
+                return answer;
+            }
+        }
+        resp
+    }
+
+    /// Phase 3: forwards the request, taking the side copies the vault asked for.
+    // A plain fn returning an `async move` block: see `handle`.
+    #[allow(clippy::manual_async_fn)] // deliberate: see the comment above
+    fn forward<'a>(
+        &'a self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        exchange: &'a mut Exchange,
+        copies: Copies<'a>,
+    ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, ForwardError>> + Send + 'a
+    {
+        // The synchronous part runs when the future is made, so the request itself is
+        // not kept in the future's state next to its parts.
         let tally = exchange.tally.clone();
         let bodiless = http_body::Body::is_end_stream(req.body());
         let blob_get = exchange.route == RouteKind::Blob && req.method() == Method::GET;
@@ -387,55 +424,58 @@ impl Proxy {
         let h2_download = head.version == Version::HTTP_2
             && exchange.route == RouteKind::Blob
             && head.method == Method::GET;
-        let mut resp = match via {
-            // The manifest path: kept lean (its future is moved whole several times per
-            // request), with no request body to carry.
-            Via::Direct(direct) => {
-                drop(body); // bodiless: ended already
-                self.send_direct(direct, head, conn, tally).await?
-            }
-            // Boxed: the pooled path's state (a select over the request and its deadline)
-            // would double the size of every request's future.
-            Via::Pooled(client) => {
-                let body = Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request);
-                let body = match copies.request {
-                    Some(tap) => UpstreamBody::Tapped { body, tap },
-                    None => UpstreamBody::Client { body },
-                };
-                Box::pin(self.send_pooled(client, head, body, conn, tally)).await?
-            }
-        };
-        // A whole blob the vault keeps (`vault.layers`): copied as it streams to the client
-        // (attached before an HTTP/2 download is handed to its relay task, which feeds it).
-        if let (Some(vault), Some(digest), Some(repository)) = (
-            &self.vault,
-            copies.whole_blob,
-            exchange.repository.as_deref(),
-        ) {
-            if resp.status() == StatusCode::OK
-                && !resp.headers().contains_key(header::CONTENT_RANGE)
-            {
-                if let Some(tee) = vault.tee_blob(repository, digest) {
-                    resp.body_mut().tee(tee);
+        async move {
+            let mut resp = match via {
+                // The manifest path: kept lean (its future is moved whole several times per
+                // request), with no request body to carry.
+                Via::Direct(direct) => {
+                    drop(body); // bodiless: ended already
+                    self.send_direct(direct, head, conn, tally).await?
+                }
+                // Boxed: the pooled path's state (a select over the request and its deadline)
+                // would double the size of every request's future.
+                Via::Pooled(client) => {
+                    let body =
+                        Metered::new(body, self.idle_timeout, tally.clone(), Direction::Request);
+                    let body = match copies.request {
+                        Some(tap) => UpstreamBody::Tapped { body, tap },
+                        None => UpstreamBody::Client { body },
+                    };
+                    Box::pin(self.send_pooled(client, head, body, conn, tally)).await?
+                }
+            };
+            // A whole blob the vault keeps (`vault.layers`): copied as it streams to the client
+            // (attached before an HTTP/2 download is handed to its relay task, which feeds it).
+            if let (Some(vault), Some(digest), Some(repository)) = (
+                &self.vault,
+                copies.whole_blob,
+                exchange.repository.as_deref(),
+            ) {
+                if resp.status() == StatusCode::OK
+                    && !resp.headers().contains_key(header::CONTENT_RANGE)
+                {
+                    if let Some(tee) = vault.tee_blob(repository, digest) {
+                        resp.body_mut().tee(tee);
+                    }
                 }
             }
+            if !h2_download {
+                return Ok(resp);
+            }
+            // One HTTP/2 stream can stall while its connection stays busy: see `body::Relay`.
+            let keep = exchange
+                ._bulk
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::any::Any + Send>);
+            let stalled = self.metrics.clone();
+            let remote = conn.remote;
+            Ok(resp.map(|b| {
+                b.relayed(self.idle_timeout, keep, move || {
+                    stalled.connections_write_stalled.inc();
+                    tracing::debug!(client = %remote, "HTTP/2 stream stalled by its client: cut");
+                })
+            }))
         }
-        if !h2_download {
-            return Ok(resp);
-        }
-        // One HTTP/2 stream can stall while its connection stays busy: see `body::Relay`.
-        let keep = exchange
-            ._bulk
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::any::Any + Send>);
-        let stalled = self.metrics.clone();
-        let remote = conn.remote;
-        Ok(resp.map(|b| {
-            b.relayed(self.idle_timeout, keep, move || {
-                stalled.connections_write_stalled.inc();
-                tracing::debug!(client = %remote, "HTTP/2 stream stalled by its client: cut");
-            })
-        }))
     }
 }
 

@@ -59,26 +59,32 @@ impl Proxy {
     /// Sends a bodiless GET or HEAD by this serving thread's lean client (see `h1`) and
     /// relays the response head. The wait for the response head starts at once, bounded by
     /// the lean client's own timer.
-    pub(super) async fn send_direct(
-        &self,
-        direct: &crate::h1::Pool,
+    // A plain fn returning an `async move` block: see `Proxy::handle`.
+    #[allow(clippy::manual_async_fn)] // deliberate: see the comment above
+    pub(super) fn send_direct<'a>(
+        &'a self,
+        direct: &'a crate::h1::Pool,
         mut head: http::request::Parts,
         conn: ConnInfo,
         tally: Arc<Tally>,
-    ) -> Result<Response<ResponseBody>, ForwardError> {
-        // Fields a `Connection` field names go first; the rest of the rewrite goes straight
-        // into the head the lean client writes.
-        remove_hop_by_hop(&mut head.headers);
-        let forwarding = Forwarding::of(&head.headers, head.uri.authority(), conn, &self.upstream);
-        let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let sent = direct
-            .send_with(head.method == Method::HEAD, self.idle_timeout, |out| {
-                forwarding.encode(&head.method, path_and_query, &head.headers, out)
-            })
-            .await
-            .map(|r| r.map(|body| Inbound::Direct { body }))
-            .map_err(SendError::Direct);
-        self.relay_head(sent, tally)
+    ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, ForwardError>> + Send + 'a
+    {
+        async move {
+            // Fields a `Connection` field names go first; the rest of the rewrite goes straight
+            // into the head the lean client writes.
+            remove_hop_by_hop(&mut head.headers);
+            let forwarding =
+                Forwarding::of(&head.headers, head.uri.authority(), conn, &self.upstream);
+            let path_and_query = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let sent = direct
+                .send_with(head.method == Method::HEAD, self.idle_timeout, |out| {
+                    forwarding.encode(&head.method, path_and_query, &head.headers, out)
+                })
+                .await
+                .map(|r| r.map(|body| Inbound::Direct { body }))
+                .map_err(SendError::Direct);
+            self.relay_head(sent, tally)
+        }
     }
 
     /// The response head as the client gets it (hop-by-hop fields removed, the body metered),
