@@ -171,7 +171,8 @@ impl Integrity {
     /// [`Self::report_broken`], calling `on_new` under the same lock when the reference
     /// is newly recorded and before the gauges show it: two walks racing on the same
     /// reference run `on_new` once between them, and whoever sees the gauge rise sees
-    /// what `on_new` did.
+    /// what `on_new` did. With the table full (the reference is counted as untracked) it is
+    /// not run.
     pub fn report_broken_then(&self, mut b: BrokenRef, on_new: impl FnOnce()) -> bool {
         let key = (
             b.repository.clone(),

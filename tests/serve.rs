@@ -272,6 +272,55 @@ fn upstream_that_never_answers_gets_504_after_the_idle_timeout() {
 }
 
 #[test]
+fn one_request_the_registry_is_slow_to_answer_does_not_mark_it_gone() {
+    // A registry that answers everything at once, except one manifest, which takes 3 s.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if String::from_utf8_lossy(&buf[..n]).contains("/manifests/slow") {
+                        std::thread::sleep(Duration::from_secs(3));
+                    }
+                    let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+                    if conn.write_all(ok.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let rg = Regguard::start_with(
+        &format!("http://{addr}"),
+        RegguardOptions {
+            args: vec!["--idle-timeout".into(), "1s".into()],
+            ..Default::default()
+        },
+    );
+    let slow = http::get(&format!("{}/v2/app/manifests/slow", rg.url()));
+    assert_eq!(slow.status, 504, "the slow answer is a gateway timeout");
+    assert_eq!(http::get(&format!("{}/v2/", rg.url())).status, 200);
+    assert_eq!(rg.metric("regguard_upstream_up"), 1.0);
+    assert_eq!(
+        rg.metric("regguard_upstream_returns_total"),
+        0.0,
+        "no 'came back' (which drops every cached answer)"
+    );
+    assert!(
+        !rg.log_text().contains("the registry is unreachable"),
+        "{}",
+        rg.log_text()
+    );
+}
+
+#[test]
 fn client_vanishing_mid_upload_leaves_no_completed_blob() {
     let reg = Registry::start();
     let rg = Regguard::start(&reg.url());

@@ -72,7 +72,9 @@ impl TeeReceiver {
     /// The next chunk; the previous one counts as written. `None` once the copy ended,
     /// completely or not (see [`TeeReceiver::complete`]).
     pub async fn recv(&mut self) -> Option<Bytes> {
-        self.held.fetch_sub(self.last, Ordering::AcqRel);
+        // Taken, not read: a `recv` dropped while it waits must not give the chunk back twice.
+        self.held
+            .fetch_sub(std::mem::take(&mut self.last), Ordering::AcqRel);
         let chunk = self.rx.recv().await;
         self.last = chunk.as_ref().map_or(0, Bytes::len);
         chunk

@@ -138,16 +138,19 @@ impl Pool {
     /// Sends the bodiless request that `encode` writes (request line, header fields, blank
     /// line; see [`encode_head`]); `head_only` for HEAD. A pooled connection that turns out
     /// to be closed (nothing was received on it) is replaced once by a new one: GET and
-    /// HEAD are safe to repeat. Each attempt waits at most `head_timeout` for the response
-    /// head (nginx's `proxy_read_timeout`).
+    /// HEAD are safe to repeat. The response head must come within `head_timeout` of this
+    /// call (nginx's `proxy_read_timeout`), both attempts and the connect between included.
     pub async fn send_with(
         &self,
         head_only: bool,
         head_timeout: Duration,
         encode: impl Fn(&mut BytesMut),
     ) -> Result<Response<Body>, Error> {
+        // One deadline for the response head across both attempts (and the connect between).
+        let deadline = tokio::time::Instant::now() + head_timeout;
+        let timing = (deadline, head_timeout);
         if let Some(conn) = self.inner.checkout() {
-            match self.exchange(conn, &encode, head_only, head_timeout).await {
+            match self.exchange(conn, &encode, head_only, timing).await {
                 Err(Attempt::Stale(_)) => {}
                 Err(Attempt::Failed(e)) => return Err(e),
                 Ok(resp) => return Ok(resp),
@@ -156,7 +159,7 @@ impl Pool {
         // Rare (the pool was empty, or its connection stale): boxed, so that the state of
         // a connect does not make every request's future larger.
         let conn = Box::pin(self.inner.connect()).await?;
-        match self.exchange(conn, &encode, head_only, head_timeout).await {
+        match self.exchange(conn, &encode, head_only, timing).await {
             Ok(resp) => Ok(resp),
             Err(Attempt::Stale(e) | Attempt::Failed(e)) => Err(e),
         }
@@ -171,16 +174,14 @@ impl Pool {
         conn: Conn,
         encode: &impl Fn(&mut BytesMut),
         head_only: bool,
-        head_timeout: Duration,
+        (deadline, head_timeout): (tokio::time::Instant, Duration),
     ) -> Result<Response<Body>, Attempt> {
         let Conn {
             mut io,
             mut buf,
             mut timer,
         } = conn;
-        timer
-            .as_mut()
-            .reset(tokio::time::Instant::now() + head_timeout);
+        timer.as_mut().reset(deadline);
         let head = tokio::select! {
             biased;
             head = Self::read_head(&mut io, &mut buf, encode, head_only) => head?,

@@ -97,8 +97,18 @@ impl Proxy {
         let response = match sent {
             Err(e) => {
                 let error = self.classify_client_error(&e, &tally);
-                if let (Some(w), ForwardError::Unreachable(_) | ForwardError::Timeout { .. }) =
-                    (&self.watch, &error)
+                // A registry slow to answer one request has not gone away: only a failed
+                // connect or a lost connection tells the watch (whose "came back" drops
+                // every cached answer).
+                let slow = matches!(
+                    e,
+                    SendError::HeadTimeout | SendError::Direct(crate::h1::Error::HeadTimeout(_))
+                );
+                if let (
+                    Some(w),
+                    ForwardError::Unreachable(_) | ForwardError::Timeout { .. },
+                    false,
+                ) = (&self.watch, &error, slow)
                 {
                     w.unreachable();
                 }
