@@ -483,6 +483,53 @@ impl ResponseBody {
     }
 }
 
+/// A side copy of a response body: validation's [`Tap`] of a manifest, the vault's [`Tee`]
+/// of a layer. Handed each data frame; told at the end whether the body was complete.
+trait SideCopy {
+    fn push(&mut self, data: &Bytes);
+    fn finish(&mut self, complete: bool);
+}
+
+impl SideCopy for Tap {
+    fn push(&mut self, data: &Bytes) {
+        Tap::push(self, data)
+    }
+    fn finish(&mut self, complete: bool) {
+        Tap::finish(self, complete)
+    }
+}
+
+impl SideCopy for Tee {
+    fn push(&mut self, data: &Bytes) {
+        Tee::push(self, data)
+    }
+    fn finish(&mut self, complete: bool) {
+        Tee::finish(self, complete)
+    }
+}
+
+/// Hands what one poll of a body produced to a side copy; `ended` is whether the body
+/// reached its end with that frame (a body with a known length is not polled for `None`).
+fn feed(
+    copy: &mut impl SideCopy,
+    polled: &Poll<Option<Result<Frame<Bytes>, BoxError>>>,
+    ended: bool,
+) {
+    match polled {
+        Poll::Ready(Some(Ok(frame))) => {
+            if let Some(d) = frame.data_ref() {
+                copy.push(d);
+            }
+            if ended {
+                copy.finish(true);
+            }
+        }
+        Poll::Ready(None) => copy.finish(true),
+        Poll::Ready(Some(Err(_))) => copy.finish(false),
+        Poll::Pending => {}
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -495,35 +542,12 @@ impl Body for ResponseBody {
         match this.kind.project() {
             ResponseKindProj::Upstream { mut body } => {
                 let polled = body.as_mut().poll_frame(cx);
+                let ended = body.is_end_stream();
                 if let Some(tee) = this.tee.as_mut() {
-                    match &polled {
-                        Poll::Ready(Some(Ok(frame))) => {
-                            if let Some(d) = frame.data_ref() {
-                                tee.push(d);
-                            }
-                            if body.is_end_stream() {
-                                tee.finish(true);
-                            }
-                        }
-                        Poll::Ready(None) => tee.finish(true),
-                        Poll::Ready(Some(Err(_))) => tee.finish(false),
-                        Poll::Pending => {}
-                    }
+                    feed(tee, &polled, ended);
                 }
                 if let Some(tap) = this.tap.as_mut() {
-                    match &polled {
-                        Poll::Ready(Some(Ok(frame))) => {
-                            if let Some(d) = frame.data_ref() {
-                                tap.push(d);
-                            }
-                            if body.is_end_stream() {
-                                tap.finish(true);
-                            }
-                        }
-                        Poll::Ready(None) => tap.finish(true),
-                        Poll::Ready(Some(Err(_))) => tap.finish(false),
-                        Poll::Pending => {}
-                    }
+                    feed(tap, &polled, ended);
                 }
                 polled
             }
