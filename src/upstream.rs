@@ -72,19 +72,7 @@ impl Body for UpstreamBody {
             UpstreamBodyProj::Stream { body } => body.poll_frame(cx),
             UpstreamBodyProj::Tapped { mut body, tap } => {
                 let polled = body.as_mut().poll_frame(cx);
-                match &polled {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let Some(d) = frame.data_ref() {
-                            tap.push(d);
-                        }
-                        if body.is_end_stream() {
-                            tap.finish(true);
-                        }
-                    }
-                    Poll::Ready(None) => tap.finish(true),
-                    Poll::Ready(Some(Err(_))) => tap.finish(false),
-                    Poll::Pending => {}
-                }
+                crate::body::feed(tap, &polled, body.is_end_stream());
                 polled
             }
         }

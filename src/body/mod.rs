@@ -485,7 +485,7 @@ impl ResponseBody {
 
 /// A side copy of a response body: validation's [`Tap`] of a manifest, the vault's [`Tee`]
 /// of a layer. Handed each data frame; told at the end whether the body was complete.
-trait SideCopy {
+pub(crate) trait SideCopy {
     fn push(&mut self, data: &Bytes);
     fn finish(&mut self, complete: bool);
 }
@@ -510,7 +510,7 @@ impl SideCopy for Tee {
 
 /// Hands what one poll of a body produced to a side copy; `ended` is whether the body
 /// reached its end with that frame (a body with a known length is not polled for `None`).
-fn feed(
+pub(crate) fn feed(
     copy: &mut impl SideCopy,
     polled: &Poll<Option<Result<Frame<Bytes>, BoxError>>>,
     ended: bool,

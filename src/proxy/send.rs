@@ -82,7 +82,10 @@ impl Proxy {
                 })
                 .await
                 .map(|r| r.map(|body| Inbound::Direct { body }))
-                .map_err(SendError::Direct);
+                .map_err(|e| match e {
+                    crate::h1::Error::HeadTimeout(_) => SendError::HeadTimeout,
+                    e => SendError::Direct(e),
+                });
             self.relay_head(sent, tally)
         }
     }
@@ -100,17 +103,12 @@ impl Proxy {
                 // A registry slow to answer one request has not gone away: only a failed
                 // connect or a lost connection tells the watch (whose "came back" drops
                 // every cached answer).
-                let slow = matches!(
-                    e,
-                    SendError::HeadTimeout | SendError::Direct(crate::h1::Error::HeadTimeout(_))
-                );
-                if let (
-                    Some(w),
-                    ForwardError::Unreachable(_) | ForwardError::Timeout { .. },
-                    false,
-                ) = (&self.watch, &error, slow)
+                if let (Some(w), ForwardError::Unreachable(_) | ForwardError::Timeout { .. }) =
+                    (&self.watch, &error)
                 {
-                    w.unreachable();
+                    if !matches!(e, SendError::HeadTimeout) {
+                        w.unreachable();
+                    }
                 }
                 return Err(error);
             }
@@ -131,7 +129,7 @@ impl Proxy {
 impl Proxy {
     fn classify_client_error(&self, e: &SendError, tally: &Tally) -> ForwardError {
         let e = match e {
-            SendError::HeadTimeout | SendError::Direct(crate::h1::Error::HeadTimeout(_)) => {
+            SendError::HeadTimeout => {
                 return ForwardError::Timeout {
                     stage: "response headers",
                     after: self.idle_timeout,
@@ -176,7 +174,7 @@ pub(super) enum Via<'a> {
 /// Why a request got no response head, by the client that carried it.
 enum SendError {
     Uri(http::Error),
-    /// No response head within the idle timeout after the request was sent.
+    /// No response head within the idle timeout after the request was sent (either client).
     HeadTimeout,
     Pooled(hyper_util::client::legacy::Error),
     Direct(crate::h1::Error),
